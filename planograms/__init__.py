@@ -1,0 +1,1 @@
+"""Planograms and compliance: pure logic that the edge and the cloud both use."""

@@ -1,0 +1,1 @@
+"""Training and active-learning retraining (torch and Ultralytics live here only, in the `train` extra)."""

@@ -1,0 +1,148 @@
+"""Typed settings: defaults < config file (YAML or TOML) < environment (SHELFLOOP_SECTION__KEY).
+
+Validated once at start; a bad file fails with every bad key named, never halfway through a run.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "SHELFLOOP_CONFIG"
+_ID = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = False
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    max_message_bytes: int = Field(1_048_576, ge=1024)
+
+
+class StorageSettings(_Section):
+    """Object storage: a local directory (embedded default) or any S3 server through the minio client."""
+
+    backend: Literal["local", "s3"] = "local"
+    local_dir: Path = Path("var/objects")
+    endpoint: str = "127.0.0.1:9000"
+    access_key: str | None = None
+    secret_key: SecretStr | None = None
+    bucket: str = "shelfloop"
+    secure: bool = False
+    region: str | None = None
+
+
+class DatabaseSettings(_Section):
+    """SQLite is the embedded default; PostgreSQL (postgresql+psycopg://...) in production."""
+
+    url: str = "sqlite:///var/shelfloop.db"
+
+
+class CameraSettings(_Section):
+    camera_id: str = Field(pattern=_ID)
+    source: str  # RTSP URL, USB index ("0"), video file or image folder
+    role: Literal["shelf", "checkout"]
+    bay_id: str | None = Field(None, pattern=_ID)
+    interval_s: float = Field(5.0, gt=0)
+
+
+class EdgeSettings(_Section):
+    store_id: str = Field("store-001", pattern=_ID)
+    device_id: str = Field("edge-001", pattern=_ID)
+    data_dir: Path = Path("var/edge")
+    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    cameras: list[CameraSettings] = []
+
+
+class CloudSettings(_Section):
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    ingest_group: str = Field("ingest", pattern=_ID)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHELFLOOP_", env_nested_delimiter="__", extra="forbid")
+
+    mqtt: MqttSettings = MqttSettings()
+    storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    edge: EdgeSettings = EdgeSettings()
+    cloud: CloudSettings = CloudSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; `problems` lists each bad key with what is wrong."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        super().__init__(f"invalid configuration ({source}):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+_CONFIG_FILE: Path | None = None
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return read_config_file(_CONFIG_FILE) if _CONFIG_FILE else {}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(str(path), ["file not found"])
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(
+            str(path), [f"not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}"]
+        ) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), ["the top level must be a mapping of sections (mqtt, storage, ...)"])
+    return data
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Settings from defaults, the config file (argument or $SHELFLOOP_CONFIG) and the environment."""
+    global _CONFIG_FILE
+    chosen = path or os.environ.get(CONFIG_ENV)
+    _CONFIG_FILE = Path(chosen) if chosen else None
+    source = f"{_CONFIG_FILE} + environment" if _CONFIG_FILE else "environment"
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+    finally:
+        _CONFIG_FILE = None
+
+
+def _describe(err: dict) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    return f"{key}: {err['msg']}{shown}"
