@@ -1,0 +1,122 @@
+"""The `shelfloop` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from shelfloop.cli import app
+
+runner = CliRunner()
+GROUPS = ["sim", "edge", "cloud", "retrain", "eval", "bench", "demo", "config"]
+
+
+def test_console_script_lists_every_group():
+    exe = Path(sys.executable).with_name("shelfloop")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "shelfloop.cli"]
+    out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
+    for group in GROUPS:
+        assert f" {group} " in out
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_has_help(group):
+    result = runner.invoke(app, [group, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+def test_generate_describe_and_check_dataset(tmp_path):
+    out = tmp_path / "w"
+    result = runner.invoke(
+        app,
+        [
+            "sim",
+            "generate",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--skus",
+            "12",
+            "--shelf-images",
+            "3",
+            "--checkout-images",
+            "2",
+            "--bays",
+            "2",
+            "--workers",
+            "1",
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "12 SKUs" in result.output
+    described = runner.invoke(app, ["sim", "describe", str(out)])
+    assert described.exit_code == 0 and "look-alike families" in described.output
+    ok = runner.invoke(app, ["retrain", "check-dataset", str(out / "detection.yaml")])
+    assert ok.exit_code == 0 and "dataset OK" in ok.output
+    # A corrupted label and a corrupted image are both caught.
+    label = next((out / "shelf" / "labels" / "train").glob("*.txt"))
+    label.write_text(label.read_text() + "0 0.5 0.5 1.7 0.2\n")
+    image = next((out / "checkout" / "images" / "train").glob("*.jpg"))
+    image.write_bytes(b"\xff\xd8\xff garbage")
+    bad = runner.invoke(app, ["retrain", "check-dataset", str(out / "detection.yaml")])
+    assert bad.exit_code == 1
+    assert "outside the image" in bad.output or "width/height" in bad.output
+    assert "does not decode" in bad.output
+
+
+def test_generate_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "x").write_text("keep")
+    result = runner.invoke(app, ["sim", "generate", "--out", str(tmp_path), "--shelf-images", "1"])
+    assert result.exit_code == 2
+    assert "not empty" in result.output
+
+
+def test_edge_topics_and_cloud_acl():
+    topics = runner.invoke(app, ["edge", "topics", "--store", "s1", "--device", "d1"])
+    assert topics.exit_code == 0
+    assert "publish   shelfloop/v1/s1/d1/up/crop" in topics.output
+    acl = runner.invoke(app, ["cloud", "acl", "--store", "s1", "--device", "d1"])
+    assert acl.exit_code == 0 and "user d1" in acl.output
+    bad = runner.invoke(app, ["edge", "topics", "--store", "s1", "--device", "d/1"])
+    assert bad.exit_code == 2
+
+
+def test_config_check_names_the_bad_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("mqtt:\n  port: abc\n")
+    result = runner.invoke(app, ["config", "check", str(cfg)])
+    assert result.exit_code == 2
+    assert "mqtt.port" in result.output
+    cfg.write_text("mqtt:\n  port: 1884\n  password: s3cret\n")
+    assert runner.invoke(app, ["config", "check", str(cfg)]).exit_code == 0
+    shown = runner.invoke(app, ["config", "show", "--config", str(cfg)])
+    assert "port: 1884" in shown.output and "s3cret" not in shown.output
+
+
+def test_bench_contract_reports_ratios_against_its_baseline(tmp_path):
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "contract", "--n", "50", "--crop-kb", "20", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    assert figures["contract"]["bytes"] < figures["json_base64"]["bytes"]
+    assert figures["size_ratio"] > 0 and figures["encode_speedup"] > 0 and figures["decode_speedup"] > 0
+
+
+def test_demo_runs_on_embedded_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert "0 rejected" in result.output
+    assert (tmp_path / "demo" / "world" / "world.json").is_file()
+    again = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert again.exit_code == 0 and "reusing" in again.output
+    shutil.rmtree(tmp_path / "demo")
