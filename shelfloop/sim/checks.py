@@ -81,3 +81,17 @@ def _check_line(line: str, n_classes: int) -> str | None:
     if cx - w / 2 < -1e-3 or cx + w / 2 > 1 + 1e-3 or cy - h / 2 < -1e-3 or cy + h / 2 > 1 + 1e-3:
         return "box extends outside the image"
     return None
+
+
+def dataset_images(dataset: Path, split: str = "test") -> list[Path]:
+    """Images of a YOLO data set given as a data YAML, a folder holding detection.yaml, or a plain folder."""
+    dataset = Path(dataset)
+    if dataset.is_dir() and (dataset / "detection.yaml").is_file():
+        dataset = dataset / "detection.yaml"
+    if dataset.is_file():
+        spec = yaml.safe_load(dataset.read_text())
+        root = Path(spec.get("path", dataset.parent))
+        dirs = spec.get(split) or []
+        dirs = [dirs] if isinstance(dirs, str) else dirs
+        return sorted(p for d in dirs for p in (root / d).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in dataset.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and "images" in p.parts)

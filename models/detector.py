@@ -1,0 +1,140 @@
+"""The class-agnostic product detector: letterbox, one forward pass, decode and NMS, all in numpy/OpenCV.
+
+Matches Ultralytics' own pre- and post-processing for YOLO detection heads (output `[1, 4 + classes,
+anchors]`, boxes as centre/size in input pixels), so the edge needs neither torch nor ultralytics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from models.backends.base import InferenceBackend
+from models.detections import Detections
+from models.errors import BadImage, ModelError
+
+PAD_VALUE = 114
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """JPEG/PNG bytes to a BGR image; a clear error for empty or corrupt data."""
+    if not data:
+        raise BadImage("empty image data")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise BadImage(f"image data ({len(data)} bytes) does not decode")
+    return img
+
+
+def as_bgr(image: np.ndarray) -> np.ndarray:
+    """Accept what cameras give (BGR, BGRA, grayscale uint8) and refuse anything else by name."""
+    if not isinstance(image, np.ndarray):
+        raise BadImage(f"expected a numpy image, got {type(image).__name__}")
+    if image.size == 0 or image.ndim not in (2, 3) or min(image.shape[:2]) < 2:
+        raise BadImage(f"unusable image of shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise BadImage(f"expected uint8 pixels, got {image.dtype}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.shape[2] != 3:
+        raise BadImage(f"expected 1, 3 or 4 channels, got {image.shape[2]}")
+    return image
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How a frame was fitted into the square network input: enough to map boxes back."""
+
+    scale: float
+    pad_x: float
+    pad_y: float
+
+
+def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
+    """Resize keeping the aspect ratio and pad to `size` (h, w), centred, as Ultralytics' LetterBox does."""
+    h, w = image.shape[:2]
+    th, tw = size
+    r = min(th / h, tw / w)
+    new_w, new_h = round(w * r), round(h * r)
+    dw, dh = (tw - new_w) / 2, (th - new_h) / 2
+    if (w, h) != (new_w, new_h):
+        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    top, bottom = round(dh - 0.1), round(dh + 0.1)
+    left, right = round(dw - 0.1), round(dw + 0.1)
+    out = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    return out, Letterbox(r, left, top)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy non-maximum suppression; returns kept indices, best first."""
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1) * (y2 - y1)
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        rest = order[1:]
+        xx1 = np.maximum(x1[i], x1[rest])
+        yy1 = np.maximum(y1[i], y1[rest])
+        xx2 = np.minimum(x2[i], x2[rest])
+        yy2 = np.minimum(y2[i], y2[rest])
+        inter = np.clip(xx2 - xx1, 0, None) * np.clip(yy2 - yy1, 0, None)
+        iou = inter / (areas[i] + areas[rest] - inter + 1e-9)
+        order = rest[iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+class ProductDetector:
+    """Finds every product facing in a frame, whatever its SKU."""
+
+    def __init__(
+        self,
+        backend: InferenceBackend,
+        conf_threshold: float = 0.25,
+        iou_threshold: float = 0.7,
+        max_detections: int = 300,
+    ) -> None:
+        self.backend = backend
+        shape = backend.inputs[0].shape
+        if len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
+            raise ModelError(f"detector input must be a static NCHW shape, got {shape}")
+        self.input_size = (int(shape[2]), int(shape[3]))
+        self.conf_threshold = conf_threshold
+        self.iou_threshold = iou_threshold
+        self.max_detections = max_detections
+
+    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, Letterbox]:
+        boxed, lb = letterbox(as_bgr(image), self.input_size)
+        blob = boxed[:, :, ::-1].transpose(2, 0, 1)[None].astype(np.float32) * (1 / 255.0)
+        return np.ascontiguousarray(blob), lb
+
+    def postprocess(self, output: np.ndarray, lb: Letterbox, image_shape: tuple[int, ...]) -> Detections:
+        if output.ndim != 3 or output.shape[1] < 5:
+            raise ModelError(f"unexpected detector output shape {output.shape}")
+        pred = output[0].T  # (anchors, 4 + classes)
+        scores = pred[:, 4:].max(axis=1)
+        keep = scores > self.conf_threshold
+        pred, scores = pred[keep], scores[keep]
+        if not len(pred):
+            return Detections.empty()
+        cx, cy, w, h = pred[:, 0], pred[:, 1], pred[:, 2], pred[:, 3]
+        boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+        kept = nms(boxes, scores, self.iou_threshold)[: self.max_detections]
+        boxes, scores = boxes[kept], scores[kept]
+        boxes[:, [0, 2]] = (boxes[:, [0, 2]] - lb.pad_x) / lb.scale
+        boxes[:, [1, 3]] = (boxes[:, [1, 3]] - lb.pad_y) / lb.scale
+        hgt, wid = image_shape[:2]
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, wid)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, hgt)
+        return Detections(boxes.astype(np.float32), scores.astype(np.float32))
+
+    def __call__(self, image: np.ndarray) -> Detections:
+        image = as_bgr(image)
+        blob, lb = self.preprocess(image)
+        (output,) = self.backend.infer(blob)[:1]
+        return self.postprocess(output, lb, image.shape)

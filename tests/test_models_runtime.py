@@ -1,0 +1,312 @@
+"""The edge inference runtime on its own: containers, pre/post-processing, backends, galleries, bundles,
+and the errors each kind of bad input gets. Uses small real ONNX graphs built here."""
+
+from __future__ import annotations
+
+import base64
+import json
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from models.backends import create_backend
+from models.bundle import generate_signing_key, load_public_keys, pack_bundle, sign_bundle, verify_bundle
+from models.detections import Detections
+from models.detector import ProductDetector, as_bgr, decode_image, letterbox, nms
+from models.errors import BackendUnavailable, BadImage, BundleError, GalleryMismatch, ModelError
+from models.gallery import Gallery, expected_calibration_error, fit_temperature
+from models.recognizer import SkuEmbedder, crop_boxes, prepare_crop
+
+onnx = pytest.importorskip("onnx", reason="onnx (train extra) builds the small test graphs")
+from onnx import TensorProto, helper  # noqa: E402
+
+
+def _save(model, path: Path) -> Path:
+    model.opset_import[0].version = 17
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fake_detector_onnx(tmp_path_factory) -> Path:
+    """A graph with the YOLO head layout [1, 5, anchors] whose output is a constant set of boxes."""
+    anchors = np.zeros((1, 5, 6), np.float32)
+    # cx, cy, w, h, score for 6 anchors in 64x64 input pixels: two overlapping, one weak.
+    anchors[0, :, 0] = [20, 20, 10, 10, 0.9]
+    anchors[0, :, 1] = [21, 20, 10, 10, 0.8]  # overlaps anchor 0 -> suppressed
+    anchors[0, :, 2] = [45, 40, 12, 20, 0.7]
+    anchors[0, :, 3] = [10, 50, 8, 8, 0.1]  # under the confidence threshold
+    const = helper.make_tensor("boxes", TensorProto.FLOAT, anchors.shape, anchors.ravel())
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])
+    y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 5, 6])
+    nodes = [
+        helper.make_node("ReduceSum", ["images"], ["s"], keepdims=0),
+        helper.make_node("Mul", ["s", "zero"], ["z"]),
+        helper.make_node("Add", ["boxes", "z"], ["output0"]),
+    ]
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    graph = helper.make_graph(nodes, "fake-detector", [x], [y], initializer=[const, zero])
+    return _save(helper.make_model(graph), tmp_path_factory.mktemp("onnx") / "det.onnx")
+
+
+@pytest.fixture(scope="module")
+def fake_embedder_onnx(tmp_path_factory) -> Path:
+    """Embedding = per-channel mean of the pixels (3-d), enough to tell colours apart."""
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, 32, 32])
+    y = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 3])
+    nodes = [helper.make_node("ReduceMean", ["pixels"], ["embedding"], axes=[2, 3], keepdims=0)]
+    graph = helper.make_graph(nodes, "fake-embedder", [x], [y])
+    return _save(helper.make_model(graph), tmp_path_factory.mktemp("onnx") / "rec.onnx")
+
+
+# --- detections container -------------------------------------------------------------------------------
+
+
+def test_detections_stay_aligned_when_filtered():
+    d = Detections(np.arange(12, dtype=np.float32).reshape(3, 4), np.array([0.9, 0.2, 0.5], np.float32))
+    kept = d[d.confidence > 0.4]
+    assert len(kept) == 2
+    assert kept.xyxy[1].tolist() == [8, 9, 10, 11]
+    assert list(kept.sku_id) == [None, None] and np.isnan(kept.novelty).all()
+    with pytest.raises(ValueError, match="entries for 3 boxes"):
+        Detections(d.xyxy, d.confidence[:2])
+
+
+# --- pre- and post-processing ---------------------------------------------------------------------------
+
+
+def test_letterbox_maps_boxes_back_to_the_frame():
+    frame = np.zeros((300, 600, 3), np.uint8)
+    boxed, lb = letterbox(frame, (64, 64))
+    assert boxed.shape == (64, 64, 3)
+    assert lb.scale == pytest.approx(64 / 600) and lb.pad_x == 0 and lb.pad_y == 16
+    assert (boxed[:16] == 114).all() and (boxed[-16:] == 114).all()
+
+
+def test_nms_matches_brute_force():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, (60, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 30, (60, 2))], 1).astype(np.float32)
+    scores = rng.uniform(0, 1, 60).astype(np.float32)
+    keep = nms(boxes, scores, 0.5)
+
+    def iou(a, b):
+        ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+        iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = ix * iy
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+    expected = []
+    for i in np.argsort(-scores):
+        if all(iou(boxes[i], boxes[j]) <= 0.5 for j in expected):
+            expected.append(i)
+    assert keep.tolist() == expected
+
+
+def test_detector_decodes_suppresses_and_rescales(fake_detector_onnx):
+    det = ProductDetector(create_backend("onnxruntime", fake_detector_onnx), conf_threshold=0.25)
+    frame = np.full((128, 256, 3), 90, np.uint8)  # letterboxed by 1/4 with 16 px of padding top and bottom
+    out = det(frame)
+    assert len(out) == 2
+    assert out.confidence.tolist() == pytest.approx([0.9, 0.7])
+    # anchor 0: (15..25, 15..25) in input px -> minus pad y 16, times 4
+    assert out.xyxy[0].tolist() == pytest.approx([60, 0, 100, 36])
+    assert out.xyxy[1].tolist() == pytest.approx([156, 56, 204, 128])  # clipped to the frame
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (np.zeros((0, 0, 3), np.uint8), "unusable image"),
+        (np.zeros((10, 10, 3), np.float32), "uint8"),
+        (np.zeros((10, 10, 2), np.uint8), "channels"),
+        ("not an image", "numpy image"),
+    ],
+)
+def test_bad_images_are_refused_by_name(image, message):
+    with pytest.raises(BadImage, match=message):
+        as_bgr(image)
+
+
+def test_corrupt_and_empty_image_bytes():
+    with pytest.raises(BadImage, match="empty"):
+        decode_image(b"")
+    with pytest.raises(BadImage, match="does not decode"):
+        decode_image(b"\xff\xd8\xff\xe0 not really a jpeg")
+    ok = cv2.imencode(".jpg", np.full((8, 8, 3), 200, np.uint8))[1].tobytes()
+    assert decode_image(ok).shape == (8, 8, 3)
+
+
+def test_crops_outside_the_frame_are_an_error():
+    frame = np.zeros((50, 50, 3), np.uint8)
+    assert crop_boxes(frame, np.array([[10, 10, 30, 40]]))[0].shape[:2] == (33, 21)  # 4 % context
+    with pytest.raises(BadImage, match="empty"):
+        crop_boxes(frame, np.array([[60, 60, 80, 80]]))
+
+
+def test_prepare_crop_keeps_aspect_and_pads():
+    crop = np.zeros((40, 20, 3), np.uint8)
+    crop[:, :, 2] = 255  # red in BGR
+    out = prepare_crop(crop, 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.float32
+    assert out[16, 16].tolist() == [255, 0, 0]  # RGB now
+    assert out[16, 0].tolist() == [128, 128, 128]  # padding left of the narrow crop
+
+
+# --- backends -------------------------------------------------------------------------------------------
+
+
+def test_unknown_backend_and_corrupt_model(tmp_path, fake_embedder_onnx):
+    with pytest.raises(BackendUnavailable, match="unknown inference backend"):
+        create_backend("openvino", fake_embedder_onnx)
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(fake_embedder_onnx.read_bytes()[:40])
+    with pytest.raises(ModelError, match=r"cannot load broken\.onnx"):
+        create_backend("onnxruntime", bad)
+    with pytest.raises(ModelError, match="not found"):
+        create_backend("onnxruntime", tmp_path / "missing.onnx")
+
+
+def test_missing_gpu_provider_is_reported_not_hidden(fake_embedder_onnx, caplog):
+    backend = create_backend("onnxruntime", fake_embedder_onnx, providers=("cuda", "cpu"))
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in backend.active_providers:
+        pytest.skip("this machine really runs CUDA")
+    assert backend.fell_back and backend.device == "CPUExecutionProvider"
+    assert ort.get_device() or True
+    with pytest.raises(BackendUnavailable):
+        create_backend("onnxruntime", fake_embedder_onnx, providers=("cuda",), require_providers=True)
+
+
+def test_tensorrt_backend_refuses_cleanly_without_a_gpu(fake_detector_onnx):
+    try:
+        backend = create_backend("tensorrt", fake_detector_onnx)
+    except BackendUnavailable as exc:
+        assert any(w in str(exc) for w in ("tensorrt", "cuda", "CUDA"))
+        pytest.skip(f"no TensorRT here: {exc}")
+    ort_out = create_backend("onnxruntime", fake_detector_onnx).infer(np.zeros((1, 3, 64, 64), np.float32))[0]
+    trt_out = backend.infer(np.zeros((1, 3, 64, 64), np.float32))[0]
+    np.testing.assert_allclose(trt_out, ort_out, atol=1e-2)
+
+
+# --- gallery --------------------------------------------------------------------------------------------
+
+
+def _colour_crops() -> tuple[list[np.ndarray], list[str]]:
+    colours = {"red-can": (0, 0, 230), "green-box": (0, 200, 0), "blue-bottle": (220, 0, 0)}
+    crops, labels = [], []
+    for name, bgr in colours.items():
+        for shade in (0, 15, 30):
+            crops.append(np.full((40, 30, 3), np.clip(np.array(bgr) + shade, 0, 255), np.uint8))
+            labels.append(name)
+    return crops, labels
+
+
+def test_gallery_names_the_sku_and_flags_unknowns(fake_embedder_onnx):
+    embedder = SkuEmbedder(create_backend("onnxruntime", fake_embedder_onnx))
+    crops, labels = _colour_crops()
+    variants = [f"{lbl}.promo" if i % 3 == 2 else lbl for i, lbl in enumerate(labels)]
+    gallery = Gallery(embedder.embed(crops), labels, variants, embedder.fingerprint, "g1", 0.02, 0.05)
+    queries = [np.full((20, 20, 3), (0, 0, 240), np.uint8), np.full((20, 20, 3), (200, 200, 200), np.uint8)]
+    result = gallery.classify(embedder.embed(queries), k=3)
+    assert result.sku_id[0] == "red-can" and result.candidates[0][0][0] == "red-can"
+    assert result.probability[0] > 0.5 and result.margin[0] > 0
+    assert result.sku_id[1] is None and result.novelty[1] > 0.05  # grey is nothing we sell
+    with pytest.raises(GalleryMismatch, match="rebuild the gallery"):
+        gallery.check_compatible("sha256:another-model")
+
+
+def test_gallery_round_trip_and_temperature_fit(tmp_path, fake_embedder_onnx):
+    embedder = SkuEmbedder(create_backend("onnxruntime", fake_embedder_onnx))
+    crops, labels = _colour_crops()
+    gallery = Gallery(embedder.embed(crops), labels, labels, embedder.fingerprint, "g2")
+    manifest = gallery.save(tmp_path / "g")
+    again = Gallery.from_directory(tmp_path / "g", manifest)
+    assert again.skus == gallery.skus and again.embedding_model == embedder.fingerprint
+    ranked = [[("a", 0.9), ("b", 0.5)], [("a", 0.6), ("b", 0.55)], [("b", 0.7), ("a", 0.4)]]
+    t = fit_temperature(ranked, ["a", "b", "b"])
+    assert 0.005 <= t <= 1.0
+    assert expected_calibration_error(np.array([0.9, 0.9]), np.array([1, 0])) == pytest.approx(0.4)
+
+
+# --- bundles --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def signed(tmp_path, fake_embedder_onnx):
+    key = tmp_path / "keys" / "k.pem"
+    generate_signing_key(key)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "recognizer.onnx").write_bytes(fake_embedder_onnx.read_bytes())
+    (bundle / "notes.txt").write_text("made by a test\n")
+    sign_bundle(bundle, {"name": "t", "kind": "model", "version": "1.2.3"}, key)
+    return bundle, load_public_keys([key.with_suffix(".pub")])
+
+
+def test_signed_bundle_verifies_and_packs(signed, tmp_path):
+    bundle, keys = signed
+    v = verify_bundle(bundle, keys, kind="model")
+    assert v.version == "1.2.3" and set(v.manifest["files"]) == {"recognizer.onnx", "notes.txt"}
+    archive = pack_bundle(bundle, tmp_path / "b.tar.gz")
+    assert verify_bundle(archive, keys, extract_to=tmp_path / "x").version == "1.2.3"
+    with pytest.raises(BundleError, match="expected a gallery"):
+        verify_bundle(bundle, keys, kind="gallery")
+
+
+@pytest.mark.parametrize("attack", ["tamper", "truncate", "delete", "manifest", "unsigned", "foreign-key"])
+def test_tampered_bundles_are_refused_with_the_reason(signed, tmp_path, attack):
+    bundle, keys = signed
+    f = bundle / "recognizer.onnx"
+    expected = {
+        "tamper": "sha256",
+        "truncate": "truncated",
+        "delete": "missing",
+        "manifest": "bad signature",
+        "unsigned": "unsigned",
+        "foreign-key": "not trusted",
+    }[attack]
+    if attack == "tamper":
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    elif attack == "truncate":
+        f.write_bytes(f.read_bytes()[:-10])
+    elif attack == "delete":
+        f.unlink()
+    elif attack == "manifest":
+        m = json.loads((bundle / "manifest.json").read_text())
+        m["version"] = "9.9.9"
+        (bundle / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    elif attack == "unsigned":
+        (bundle / "manifest.sig").unlink()
+    elif attack == "foreign-key":
+        other = tmp_path / "other.pem"
+        generate_signing_key(other)
+        keys = load_public_keys([other.with_suffix(".pub")])
+    with pytest.raises(BundleError, match=expected):
+        verify_bundle(bundle, keys)
+
+
+def test_archive_with_path_traversal_is_refused(tmp_path, signed):
+    _, keys = signed
+    evil = tmp_path / "evil.tar.gz"
+    payload = tmp_path / "payload"
+    payload.write_text("x")
+    with tarfile.open(evil, "w:gz") as tar:
+        tar.add(payload, arcname="../../escaped.txt")
+    with pytest.raises(BundleError, match="not a readable bundle archive"):
+        verify_bundle(evil, keys, extract_to=tmp_path / "out")
+    assert not (tmp_path.parent / "escaped.txt").exists()
+
+
+def test_public_key_files_are_checked(tmp_path):
+    bad = tmp_path / "bad.pub"
+    bad.write_text(base64.b64encode(b"short").decode())
+    with pytest.raises(BundleError, match="not an ed25519"):
+        load_public_keys([bad])
