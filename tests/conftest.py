@@ -287,3 +287,62 @@ def small_world(small_spec, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world") / "w"
     generate(out, small_spec, workers=2)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cloud: an S3 server on loopback (moto) and a fresh PostgreSQL database per test.
+
+
+class S3Endpoint:
+    """Where a test's S3 server listens; code under test reaches it only through the minio client."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.endpoint = f"{host}:{port}"
+        self.access_key, self.secret_key, self.region = "testing", "testing-secret", "us-east-1"
+
+    def storage_settings(self, bucket: str = "shelfloop") -> dict[str, object]:
+        """Keyword arguments for `shelfloop.settings.StorageSettings` (backend s3)."""
+        return {
+            "backend": "s3",
+            "endpoint": self.endpoint,
+            "access_key": self.access_key,
+            "secret_key": self.secret_key,
+            "bucket": bucket,
+            "secure": False,
+            "region": self.region,
+        }
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Endpoint]:
+    """moto's S3 server in this process on 127.0.0.1 (a free port), stopped at the end of the session."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not _port_open("127.0.0.1", port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield S3Endpoint("127.0.0.1", port)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_db(postgres_url: str) -> Iterator[str]:
+    """A further fresh, empty database on the same PostgreSQL server as ``postgres_url``, for one test."""
+    import psycopg
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(postgres_url)
+    name = f"{url.database}_{int(time.monotonic() * 1000) % 10**9}_{os.urandom(3).hex()}"
+    admin = f"host={url.host} port={url.port} user={url.username} dbname=postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

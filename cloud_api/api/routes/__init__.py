@@ -1,0 +1,1 @@
+"""One router per area; `cloud_api.main` mounts them all."""
