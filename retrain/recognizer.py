@@ -36,6 +36,7 @@ class RecognizerRecipe:
     scale: float = 24.0
     frozen_blocks: int = 3  # stem + this many MBConv blocks keep their ImageNet weights
     seed: int = 0
+    threads: int = 0  # torch CPU threads (0 = one per core)
     data: dict = field(default_factory=dict)  # what it was trained on, for the manifest
 
 
@@ -142,7 +143,7 @@ def train_recognizer(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(recipe.threads or os.cpu_count() or 1)
     rng = random.Random(recipe.seed)
     classes = sorted({s.label for s in train})
     labels = {c: i for i, c in enumerate(classes)}

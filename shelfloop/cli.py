@@ -437,6 +437,59 @@ def eval_detection(
         json_out.write_text(json.dumps(r, indent=2) + "\n")
 
 
+@eval_app.command("compliance")
+def eval_compliance(
+    dataset: Annotated[Path, typer.Option(help="A synthetic world (made by `sim generate`).")],
+    split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle (default: the shipped baseline).")] = None,
+    ground_truth_detections: Annotated[
+        bool,
+        typer.Option(
+            "--ground-truth-detections",
+            help="Feed the true boxes and SKUs (grades the alignment alone) instead of running the models.",
+        ),
+    ] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
+) -> None:
+    """Per-label precision, recall and F1 of planogram compliance on a world's ground truth, running the
+    detector and recognizer on its shelf photos (gallery: the world's crops/train and packshots)."""
+    import cv2
+
+    from planograms.evaluate import evaluate_on_world
+
+    detections = None
+    if not ground_truth_detections:
+        from edge_agent.shelf import observation_from_detections
+        from models.evaluate import build_gallery, image_folder
+        from models.loader import BASELINE_MODEL, load_model_bundle
+
+        mb = _load_bundle(load_model_bundle, bundle or BASELINE_MODEL)
+        cal = {k: v for k, v in mb.calibration.items() if k != "fitted_on"}
+        refs = image_folder(dataset / "crops" / "train") + image_folder(dataset / "catalogue" / "packshots")
+        recognizer = mb.recognizer(build_gallery(mb.embedder, refs, "eval", **cal))
+        gt = json.loads((dataset / "shelf" / "compliance_gt.json").read_text())
+        detections = {}
+        for item in gt["images"]:
+            if split != "all" and item["split"] != split:
+                continue
+            img = cv2.imread(str(dataset / item["file_name"]))
+            dets = recognizer(img, mb.detector(img))
+            detections[item["image_id"]] = observation_from_detections(dets, img.shape)
+    r = evaluate_on_world(
+        dataset, split, use_ground_truth_detections=ground_truth_detections, detections=detections
+    )
+    typer.echo(
+        f"{r['images']} shelf photos ({split}), {'true detections' if ground_truth_detections else 'models'}:"
+        f" macro-F1 {r['macro_f1']:.4f}, out-of-stock recall {r['out_of_stock_recall']:.4f}"
+    )
+    for label, v in r["per_label"].items():
+        typer.echo(
+            f"  {label:24s} P {v['precision']:.3f}  R {v['recall']:.3f}  F1 {v['f1']:.3f}  (n={v['support']})"
+        )
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=2, default=str) + "\n")
+
+
 def _load_bundle(loader, path: Path):
     from models.errors import ModelError
 

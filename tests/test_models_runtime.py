@@ -171,6 +171,15 @@ def test_unknown_backend_and_corrupt_model(tmp_path, fake_embedder_onnx):
         create_backend("onnxruntime", tmp_path / "missing.onnx")
 
 
+def test_wrong_input_size_is_named(fake_embedder_onnx):
+    backend = create_backend("onnxruntime", fake_embedder_onnx)
+    assert backend.infer(np.zeros((2, 3, 32, 32), np.float32))[0].shape == (2, 3)
+    with pytest.raises(ModelError, match=r"must have shape .*got \(1, 3, 64, 64\)"):
+        backend.infer(np.zeros((1, 3, 64, 64), np.float32))
+    with pytest.raises(ModelError, match="takes 1 inputs"):
+        backend.infer(np.zeros((1, 3, 32, 32), np.float32), np.zeros(1))
+
+
 def test_missing_gpu_provider_is_reported_not_hidden(fake_embedder_onnx, caplog):
     backend = create_backend("onnxruntime", fake_embedder_onnx, providers=("cuda", "cpu"))
     import onnxruntime as ort

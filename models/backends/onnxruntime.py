@@ -110,4 +110,15 @@ class OnnxRuntimeBackend(InferenceBackend):
             raise ModelError(
                 f"{self.model_path.name} takes {len(self._input_names)} inputs, got {len(inputs)}"
             )
-        return self.session.run(self._output_names, dict(zip(self._input_names, inputs, strict=True)))
+        for spec, arr in zip(self.inputs, inputs, strict=True):
+            want = spec.shape
+            if len(want) != arr.ndim or any(
+                isinstance(w, int) and w != g for w, g in zip(want, arr.shape, strict=True)
+            ):
+                raise ModelError(
+                    f"{self.model_path.name}: input {spec.name} must have shape {want}, got {arr.shape}"
+                )
+        try:
+            return self.session.run(self._output_names, dict(zip(self._input_names, inputs, strict=True)))
+        except Exception as exc:  # onnxruntime's own error types: type mismatches, bad values
+            raise ModelError(f"{self.model_path.name}: inference failed: {exc}") from exc
