@@ -18,7 +18,17 @@ from sqlalchemy.exc import DataError
 
 from cloud_api import models as m
 from cloud_api.api.deps import Services
-from cloud_api.api.routes import auth, catalogue, crops, dead_letters, devices, health, queue
+from cloud_api.api.routes import (
+    auth,
+    catalogue,
+    crops,
+    dead_letters,
+    devices,
+    health,
+    queue,
+    reports,
+    reports_pages,
+)
 from cloud_api.db import Database
 from cloud_api.devices import DeviceRegistry
 from cloud_api.ingest import Ingestor
@@ -88,6 +98,8 @@ def create_app(settings: Settings | None = None, *, services: Services | None = 
     ):
         app.include_router(router)
     app.include_router(crops.router)
+    app.include_router(reports.router)
+    app.include_router(reports_pages.router)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

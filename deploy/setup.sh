@@ -10,6 +10,7 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/
 
 missing=()
 have mosquitto || missing+=(mosquitto mosquitto-clients)
+have chromium || missing+=(chromium)  # the reports' browser tests (Playwright drives it)
 have pg_ctlcluster || missing+=(postgresql)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf ] || missing+=(fonts-dejavu-core)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -117,6 +117,15 @@ PROTECTED = [
     ("POST", "/dead-letters/1/replay", set()),
     ("GET", "/crops/01ABCDEFGH", {"annotator", "reviewer"}),
     ("GET", "/crops/01ABCDEFGH/image", {"annotator", "reviewer"}),
+    ("GET", "/reports/stores", {"merchandiser"}),
+    ("GET", "/reports/stores/s1", {"merchandiser"}),
+    ("GET", "/reports/stores/s1/bays/x", {"merchandiser"}),
+    ("GET", "/reports/tasks", {"merchandiser"}),
+    ("GET", "/reports/tasks.csv", {"merchandiser"}),
+    ("GET", "/reports/slots.csv", {"merchandiser"}),
+    ("GET", "/reports/aggregates", {"merchandiser"}),
+    ("GET", "/reports/trends", {"merchandiser"}),
+    ("GET", "/reports/snapshots/x/image", {"merchandiser"}),
 ]
 PUBLIC = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("POST", "/auth/token")}
 
