@@ -12,7 +12,11 @@ import statistics
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 _EDGE = textwrap.dedent("""
     import json, sys, time
@@ -142,3 +146,62 @@ def run(
         "edge_imports_torch": edge["torch_loaded"],
     }
     return out
+
+
+# The Ultralytics side of `shelfloop bench edge`: kept here so no edge module carries Ultralytics code.
+
+_ULTRALYTICS_DETECTOR = textwrap.dedent(
+    """
+    import json, os, sys, time
+    args = json.loads(sys.argv[1])
+    os.environ.setdefault("YOLO_OFFLINE", "1"); os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+    os.environ["YOLO_CONFIG_DIR"] = args["yolo_config"]
+    import cv2
+    from ultralytics import YOLO
+    yolo = YOLO(args["onnx"], task="detect")
+    imgs = [cv2.imread(p) for p in args["images"]]
+    kw = dict(imgsz=args["imgsz"], conf=args["conf"], iou=args["iou"], device="cpu", verbose=False)
+    for im in imgs[:3]:
+        yolo.predict(im, **kw)
+    ms = []
+    for _ in range(args["repeats"]):
+        for im in imgs:
+            t = time.perf_counter(); yolo.predict(im, **kw); ms.append((time.perf_counter() - t) * 1e3)
+    print(json.dumps({"det_ms": ms}))
+    """
+)
+
+
+def ultralytics_detector_latency(
+    onnx: Path, images: Sequence[Path], imgsz: int, repeats: int, work: Path
+) -> dict[str, Any]:
+    args = {
+        "onnx": str(onnx),
+        "images": [str(p) for p in images],
+        "imgsz": imgsz,
+        "conf": 0.25,
+        "iou": 0.7,
+        "repeats": repeats,
+        "yolo_config": str(work / "yolo"),
+    }
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", _ULTRALYTICS_DETECTOR, json.dumps(args)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1800,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"skipped": f"could not run: {exc}"}
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        return {"skipped": f"Ultralytics baseline failed: {last[:300]}"}
+    ms = json.loads(r.stdout.strip().splitlines()[-1])["det_ms"]
+    arr = np.asarray(ms, np.float64)
+    pct = {
+        "p50_ms": round(float(np.percentile(arr, 50)), 3),
+        "p95_ms": round(float(np.percentile(arr, 95)), 3),
+    }
+    return {"detector": pct, "n": len(ms)}

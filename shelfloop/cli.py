@@ -197,6 +197,24 @@ def edge_topics(
         _fail(str(exc))
 
 
+@edge_app.command("run")
+def edge_run(config: ConfigOpt = None) -> None:
+    """Run the edge agent until SIGTERM: cameras -> models -> compliance / checkout -> uncertain crops to
+    the durable outbox -> MQTT; then flush open checkout items, drain briefly and exit."""
+    from edge_agent.agent import run_agent
+    from edge_agent.telemetry import configure_logging
+    from models.errors import ModelError
+    from planograms.schema import PlanogramError
+
+    settings = _settings(config)
+    configure_logging(json_logs=settings.edge.json_logs)
+    try:
+        code = run_agent(settings)
+    except (ModelError, PlanogramError, OSError) as exc:
+        _fail(f"edge agent cannot start: {exc}")
+    raise typer.Exit(code)
+
+
 @cloud_app.command("acl")
 def cloud_acl(
     store: Annotated[str, typer.Option(help="Store id.")],
@@ -550,6 +568,15 @@ def eval_grocery(
         json_out.write_text(json.dumps(r, indent=2) + "\n")
 
 
+def _ultralytics_baseline():
+    """Ultralytics `predict` timing lives in retrain/ (train extra); on an edge install it is skipped."""
+    try:
+        from retrain.bench import ultralytics_detector_latency
+    except ImportError:  # pragma: no cover - retrain always imports; its subprocess needs ultralytics
+        return None
+    return ultralytics_detector_latency
+
+
 def _load_bundle(loader, path: Path):
     from models.errors import ModelError
 
@@ -626,6 +653,91 @@ def bench_models(
         f"pytorch {m['pytorch_peak_rss_mb']} MB"
     )
     if json_out:
+        json_out.write_text(json.dumps(r, indent=2) + "\n")
+
+
+@bench_app.command("edge")
+def bench_edge(
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle (default: the shipped baseline).")] = None,
+    gallery: Annotated[Path | None, typer.Option(help="Gallery (default: the shipped baseline).")] = None,
+    trusted_key: Annotated[
+        list[Path] | None, typer.Option(help="Extra public key trusted for the bundle and gallery.")
+    ] = None,
+    world: Annotated[
+        Path | None, typer.Option(help="Synthetic world for frames (default: make a small one).")
+    ] = None,
+    frames: Annotated[int, typer.Option(min=1, help="Frames per pipeline (shelf, checkout).")] = 8,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    ultralytics: Annotated[
+        bool, typer.Option(help="Time Ultralytics predict on the same ONNX (separate process).")
+    ] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
+) -> None:
+    """Frames/s and per-stage p50/p95 of the shelf and checkout pipelines on synthetic scenes, the share
+    of frame time outside the models' forward passes, and the detector against Ultralytics `predict`."""
+    import msgspec
+
+    from edge_agent.agent import Pipeline
+    from edge_agent.bench import run
+    from models.errors import ModelError
+    from models.loader import (
+        BASELINE_GALLERY,
+        BASELINE_MODEL,
+        default_trusted_keys,
+        load_gallery,
+        load_model_bundle,
+    )
+    from planograms.schema import Planogram
+    from shelfloop.sim.generate import WorldSpec, generate
+
+    keys = default_trusted_keys(list(trusted_key or []))
+    try:
+        mb = load_model_bundle(bundle or BASELINE_MODEL, keys)
+        gal = load_gallery(gallery or BASELINE_GALLERY, keys, embedder=mb.embedder)
+    except ModelError as exc:
+        _fail(f"cannot load the models: {exc}")
+    if world is None:
+        world = Path("var/bench/world")
+        if not (world / "world.json").is_file():
+            generate(world, WorldSpec(seed=4242, shelf_images=20, checkout_images=20), progress=None)
+    shelf = sorted((world / "shelf" / "images").rglob("*.jpg"))[:frames]
+    checkout = sorted((world / "checkout" / "images").rglob("*.jpg"))[:frames]
+    plan = msgspec.json.decode((world / "planograms.json").read_bytes(), type=Planogram)
+    gt = json.loads((world / "shelf" / "compliance_gt.json").read_text())
+    bay_of = {item["image_id"]: item["bay_id"] for item in gt["images"]}
+    pipeline = Pipeline(mb.detector, mb.recognizer(gal), mb.version, gal.version)
+    r = run(
+        pipeline,
+        shelf,
+        checkout,
+        repeats=repeats,
+        planogram=plan,
+        shelf_bays=[bay_of.get(p.stem) for p in shelf],
+        detector_onnx=mb.bundle.file(mb.bundle.manifest["detector"]["file"]),
+        compare_ultralytics=ultralytics,
+        baseline=_ultralytics_baseline() if ultralytics else None,
+    )
+    for role in ("shelf", "checkout"):
+        if role not in r:
+            continue
+        f = r[role]
+        typer.echo(
+            f"{role:8s} {f['frames_per_s']:7.2f} frames/s  frame p50 {f['frame']['p50_ms']:.1f} ms "
+            f"p95 {f['frame']['p95_ms']:.1f} ms  overhead {f['overhead_fraction']:.1%}"
+        )
+        for stage, st in f["stages"].items():
+            typer.echo(f"    {stage:10s} p50 {st['p50_ms']:8.2f} ms   p95 {st['p95_ms']:8.2f} ms")
+    typer.echo(f"overhead_fraction {r['overhead_fraction']}  (target <= 0.25)")
+    ultra = r.get("ultralytics", {})
+    if r["speedup_vs_ultralytics"] is not None:
+        typer.echo(
+            f"detector end to end: edge p50 {r['edge_detector']['p50_ms']:.1f} ms, Ultralytics predict p50 "
+            f"{ultra['detector']['p50_ms']:.1f} ms: speed-up x{r['speedup_vs_ultralytics']}"
+        )
+    elif ultra:
+        typer.echo(f"Ultralytics comparison skipped: {ultra.get('skipped')}")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(r, indent=2) + "\n")
 
 

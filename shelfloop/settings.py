@@ -59,12 +59,68 @@ class CameraSettings(_Section):
     interval_s: float = Field(5.0, gt=0)
 
 
+class EdgeOutboxSettings(_Section):
+    """Bounds of the on-device crop store (drop policy when full: lowest priority, then oldest)."""
+
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_count: int = Field(50_000, ge=1)
+    max_age_s: float = Field(7 * 24 * 3600.0, gt=0)
+
+
+class EdgeUplinkSettings(_Section):
+    """How crops are sent: the window awaiting the cloud's ack, and resend back-off."""
+
+    max_inflight: int = Field(32, ge=1, le=1000)
+    ack_timeout_s: float = Field(10.0, gt=0)
+    max_backoff_s: float = Field(300.0, gt=0)
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0, le=2**32 - 1)
+    drain_on_stop_s: float = Field(5.0, ge=0)
+
+
+class EdgeRoutingSettings(_Section):
+    """Which crops go to annotation: thresholds, quotas per device and de-duplication."""
+
+    detector_band: tuple[float, float] = (0.25, 0.5)
+    min_margin: float = Field(0.10, ge=0, le=1)
+    min_probability: float = Field(0.60, ge=0, le=1)
+    novelty_threshold: float = Field(0.35, ge=0)
+    min_track_agreement: float = Field(0.60, ge=0, le=1)
+    audit_rate: float = Field(0.0, ge=0, le=1)
+    per_minute: int = Field(10, ge=0)
+    per_hour: int = Field(100, ge=0)
+    per_day: int = Field(1000, ge=0)
+    dedup_similarity: float = Field(0.95, ge=-1, le=1)
+    dedup_iou: float = Field(0.5, ge=0, le=1)
+    dedup_window_s: float = Field(3600.0, ge=0)
+
+
+class EdgeCheckoutSettings(_Section):
+    """Tracking and SKU voting at checkout counters: an item below these is unresolved, never billed."""
+
+    iou_threshold: float = Field(0.3, gt=0, le=1)
+    max_lost_frames: int = Field(15, ge=0)
+    min_votes: int = Field(3, ge=1)
+    min_agreement: float = Field(0.6, ge=0, le=1)
+    min_probability: float = Field(0.5, ge=0, le=1)
+
+
 class EdgeSettings(_Section):
     store_id: str = Field("store-001", pattern=_ID)
     device_id: str = Field("edge-001", pattern=_ID)
     data_dir: Path = Path("var/edge")
     backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     cameras: list[CameraSettings] = []
+    model_bundle: Path | None = None  # None: the shipped baseline (models/baseline/model)
+    gallery: Path | None = None  # None: the shipped baseline gallery
+    planogram: Path | None = None  # planogram JSON with the bays the shelf cameras face
+    trusted_keys: list[Path] = []  # extra ed25519 public keys for bundles and galleries
+    heartbeat_s: float = Field(30.0, gt=0)
+    snapshot_max_side: int = Field(640, ge=64, le=4096)
+    json_logs: bool = True
+    outbox: EdgeOutboxSettings = EdgeOutboxSettings()
+    uplink: EdgeUplinkSettings = EdgeUplinkSettings()
+    routing: EdgeRoutingSettings = EdgeRoutingSettings()
+    checkout: EdgeCheckoutSettings = EdgeCheckoutSettings()
 
 
 class BrokerAdminSettings(_Section):
