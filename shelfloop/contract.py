@@ -507,6 +507,9 @@ class ReleasePointer(_Message, kw_only=True, tag=KIND_RELEASE_POINTER):
 
     Published retained at device, store and fleet scope (see `release_topic`); the device verifies
     ``size_bytes``, ``sha256`` and the ed25519 ``signature`` (by ``key_id``) before activating it.
+    ``sha256``/``size_bytes`` describe the downloaded archive; ``signature`` is the bundle's own
+    ``manifest.sig`` (base64 ed25519 over its ``manifest.json``) and ``key_id`` the manifest's signing key,
+    so a pointer cannot vouch for an artifact its signer did not sign.
     """
 
     artifact: Artifact
