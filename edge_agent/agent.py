@@ -353,13 +353,15 @@ class EdgeAgent:
         m = result.metrics
         compliance = m.compliance if m.compliance is not None else (m.compliance_verified or 0.0)
         availability = m.on_shelf_availability if m.on_shelf_availability is not None else 0.0
+        # planogram id and version together: several planograms share version numbers
+        plan_version = f"{self.planogram.planogram_id}:{self.planogram.version}" if self.planogram else "none"
         return contract.ComplianceSnapshot(
             snapshot_id=contract.new_id(),
             store_id=self.store_id,
             device_id=self.device_id,
             camera_id=cam.camera_id,
             bay_id=result.bay_id,
-            planogram_version=self.planogram.version if self.planogram else "none",
+            planogram_version=plan_version,
             captured_at=frame.captured_at,
             model_version=pipeline.model_version,
             gallery_version=pipeline.gallery_version,

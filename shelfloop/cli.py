@@ -796,18 +796,31 @@ def config_check(config: Annotated[Path, typer.Argument(help="The config file to
 
 @app.command("demo")
 def demo(
-    out: Annotated[Path, typer.Option(help="Where the demo writes its synthetic store.")] = Path("var/demo"),
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic store.")] = 7,
+    out: Annotated[
+        Path, typer.Option(help="Where the demo keeps its store, broker, cloud and edge data.")
+    ] = Path("var/demo"),
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the synthetic store (202: the shipped gallery's catalogue; "
+            "any other builds a gallery from reference images)."
+        ),
+    ] = 202,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete a previous demo store first.")] = False,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Keep serving the reports and API afterwards.")
+    ] = False,
+    port: Annotated[int, typer.Option(help="Port of the cloud API / reports.")] = 8000,
 ) -> None:
-    """Run the ShelfLoop demo on embedded defaults.
+    """Run the whole loop on this machine, on embedded defaults.
 
-    Today it builds a synthetic store (catalogue with look-alike families, planograms, shelf and checkout
-    photos with faults), sends uncertain crops through the wire contract, and prints what happened and where
-    to look. The loop through the broker, the cloud and annotation grows here as it is built."""
+    A synthetic store; a private Mosquitto on loopback; the cloud (SQLite, local object store, ingest
+    worker); an edge agent running the shipped models on the store's shelf and checkout cameras, sending
+    uncertain crops through its durable outbox into the annotation queue and compliance snapshots into the
+    merchandiser reports. Prints live progress, then what happened and where to look."""
     from shelfloop.demo import run_demo
 
-    sys.exit(run_demo(out, seed=seed, fresh=fresh))
+    sys.exit(run_demo(out, seed=seed, fresh=fresh, serve=serve, port=port))
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -111,12 +111,25 @@ def test_bench_contract_reports_ratios_against_its_baseline(tmp_path):
     assert figures["size_ratio"] > 0 and figures["encode_speedup"] > 0 and figures["decode_speedup"] > 0
 
 
-def test_demo_runs_on_embedded_defaults(tmp_path, monkeypatch):
+@pytest.mark.broker
+def test_demo_runs_the_loop_on_embedded_defaults(tmp_path, monkeypatch):
+    """The README's main command: crops reach the annotation queue and snapshots the reports."""
+    import re
+
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
-    assert "0 rejected" in result.output
-    assert (tmp_path / "demo" / "world" / "world.json").is_file()
+    stored = re.search(
+        r"cloud: (\d+) crops stored, (\d+) annotation tasks queued, (\d+) compliance snapshots, "
+        r"(\d+) checkout items, (\d+) dead letters",
+        result.output,
+    )
+    assert stored, result.output
+    crops, tasks, snapshots, items, dead = map(int, stored.groups())
+    assert crops > 0 and tasks == crops and snapshots > 0 and items > 0 and dead == 0
+    assert "outbox drained" in result.output
+    assert "/app/stores/demo-store" in result.output
+    assert (tmp_path / "demo" / "cloud.yaml").is_file()
     again = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert again.exit_code == 0 and "reusing" in again.output
     shutil.rmtree(tmp_path / "demo")

@@ -225,7 +225,7 @@ def test_the_shelf_pipeline_sends_a_compliance_snapshot_for_its_bay(outbox: Outb
     assert agent.step() == 0  # the next frame is not due for 60 s
     (snapshot,) = [m for m in agent.published if isinstance(m, c.ComplianceSnapshot)]
     decoded = c.decode(c.encode(snapshot), expect=c.ComplianceSnapshot)
-    assert decoded.bay_id == bay.bay_id and decoded.planogram_version == "v7"
+    assert decoded.bay_id == bay.bay_id and decoded.planogram_version == f"{plan.planogram_id}:v7"
     assert len(decoded.slots) == sum(len(r.slots) for r in bay.rows)
     assert decoded.compliance_pct > 80 and decoded.image_jpeg is not None
     assert outbox.stats().depth == 1  # the low-probability facing went to annotation

@@ -1,0 +1,1 @@
+LSbRBu2j+f80Yh7zlbWsVS7BKD173MWFNVKqZrgpb3Hx7hdPVsctjcvbk8b7w+19wymH4QxOXGwROzCKouLwAQ==

@@ -1,0 +1,1 @@
+hS8dqic6o/DLK4p1MaFyMBZcfb8smqBGgz+irSzhjgcpz37FXjBq+7l76CtF/4TlWEqm8vTYZRlTIOhvUTTxAQ==
