@@ -23,7 +23,9 @@ pytestmark = pytest.mark.skipif(not (BASELINE_MODEL / "manifest.json").is_file()
 
 @pytest.fixture(scope="module")
 def bundle():
-    return load_model_bundle()
+    mb = load_model_bundle()
+    mb.detector.conf_threshold = 0.2  # see _match: compare below the operating threshold
+    return mb
 
 
 def _iou(a, b):
@@ -47,20 +49,23 @@ def _frames(world: Path, n: int = 6) -> list[Path]:
     return shelf[: n // 2] + checkout[: n - n // 2]
 
 
-def _match(ours, theirs_xyxy, theirs_conf, iou_min: float, conf_tol: float) -> float:
-    """Share of boxes (from both sides) that have a partner with IoU >= iou_min and close confidence."""
-    if len(ours) == 0 and len(theirs_xyxy) == 0:
-        return 1.0
+def _match(ours, theirs_xyxy, theirs_conf, iou_min: float, conf_tol: float, must: float = 0.3) -> float:
+    """Share of confident boxes (conf >= `must`, from both sides) with a partner of IoU >= iou_min and a
+    confidence within conf_tol. Both sides run at a lower threshold (0.2) so that a box scoring 0.26 on one
+    side and 0.24 on the other is a partner, not a mismatch made by the cut-off."""
     if len(ours) == 0 or len(theirs_xyxy) == 0:
-        return 0.0
+        return float(len(ours) == len(theirs_xyxy))
     iou = _iou(ours.xyxy, theirs_xyxy)
-    ok_ours = [
-        (iou[i] >= iou_min).any()
-        and np.abs(theirs_conf[iou[i] >= iou_min] - ours.confidence[i]).min() <= conf_tol
-        for i in range(len(ours))
-    ]
-    ok_theirs = [(iou[:, j] >= iou_min).any() for j in range(len(theirs_xyxy))]
-    return (sum(ok_ours) + sum(ok_theirs)) / (len(ours) + len(theirs_xyxy))
+    ok, total = 0, 0
+    for i in np.flatnonzero(ours.confidence >= must):
+        cand = iou[i] >= iou_min
+        total += 1
+        ok += bool(cand.any() and np.abs(theirs_conf[cand] - ours.confidence[i]).min() <= conf_tol)
+    for j in np.flatnonzero(theirs_conf >= must):
+        cand = iou[:, j] >= iou_min
+        total += 1
+        ok += bool(cand.any() and np.abs(ours.confidence[cand] - theirs_conf[j]).min() <= conf_tol)
+    return ok / max(1, total)
 
 
 def test_baseline_bundle_and_gallery_verify(bundle):
@@ -71,7 +76,7 @@ def test_baseline_bundle_and_gallery_verify(bundle):
 
 
 def test_edge_decode_matches_ultralytics_on_the_same_onnx(bundle, small_world, tmp_path):
-    """Tolerance: every box has a partner with IoU >= 0.98 and confidence within 0.01 (99 % of boxes)."""
+    """Tolerance: 99 % of confident boxes have a partner with IoU >= 0.98 and confidence within 0.01."""
     ultra = _yolo(tmp_path)
     yolo = ultra.YOLO(str(BASELINE_MODEL / "detector.onnx"), task="detect")
     size = bundle.detector.input_size[0]
@@ -79,15 +84,17 @@ def test_edge_decode_matches_ultralytics_on_the_same_onnx(bundle, small_world, t
     for path in _frames(small_world):
         img = cv2.imread(str(path))
         ours = bundle.detector(img)
-        r = yolo.predict(img, imgsz=size, conf=0.25, iou=0.7, device="cpu", verbose=False)[0]
+        r = yolo.predict(img, imgsz=size, conf=0.2, iou=0.7, device="cpu", verbose=False)[0]
         scores.append(_match(ours, r.boxes.xyxy.numpy(), r.boxes.conf.numpy(), 0.98, 0.01))
         assert len(ours) > 0
     assert min(scores) >= 0.99, scores
 
 
 def test_detector_onnx_matches_pytorch_weights(bundle, small_world, tmp_path):
-    """The export against the training framework: Ultralytics on detector.pt vs the edge on detector.onnx.
-    Tolerance: 97 % of boxes have a partner with IoU >= 0.9 and confidence within 0.03."""
+    """The export against the training framework: Ultralytics on detector.pt vs the edge on detector.onnx,
+    both fed the same square letterbox (`rect=False`; Ultralytics' default pads PyTorch inputs only to a
+    multiple of 32, which changes border activations and so low scores). Tolerance: 99 % of confident
+    boxes have a partner with IoU >= 0.98 and confidence within 0.01."""
     ultra = _yolo(tmp_path)
     pt = WEIGHTS / "detector.pt"
     if not pt.is_file():
@@ -97,8 +104,8 @@ def test_detector_onnx_matches_pytorch_weights(bundle, small_world, tmp_path):
     for path in _frames(small_world):
         img = cv2.imread(str(path))
         ours = bundle.detector(img)
-        r = yolo.predict(img, imgsz=size, conf=0.25, iou=0.7, device="cpu", verbose=False)[0]
-        assert _match(ours, r.boxes.xyxy.numpy(), r.boxes.conf.numpy(), 0.9, 0.03) >= 0.97
+        r = yolo.predict(img, imgsz=size, conf=0.2, iou=0.7, device="cpu", verbose=False, rect=False)[0]
+        assert _match(ours, r.boxes.xyxy.numpy(), r.boxes.conf.numpy(), 0.98, 0.01) >= 0.99
 
 
 def test_recognizer_onnx_matches_pytorch_on_real_images(bundle, small_world):

@@ -1,1 +1,1 @@
-hS8dqic6o/DLK4p1MaFyMBZcfb8smqBGgz+irSzhjgcpz37FXjBq+7l76CtF/4TlWEqm8vTYZRlTIOhvUTTxAQ==
+W+TWvJ5OQXZg9fq9RoY4i8IAu4NHodW6xgPtdcOSoCV7jdnZV4L2kCk94u/ODEZ2oLce7/VbkuZdnd2n2ZsGBg==
