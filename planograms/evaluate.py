@@ -20,7 +20,10 @@ from planograms.schema import Planogram
 GT_SLOT_LABELS = ("correct", "misplaced_same_row", "wrong_shelf", "out_of_stock", "facing_count_mismatch")
 
 
-def _observation(anns: list[dict], width: int, height: int, shelf_lines: list | None) -> ShelfObservation:
+def observation_from_coco(
+    anns: list[dict], width: int, height: int, shelf_lines: list | None = None
+) -> ShelfObservation:
+    """Every COCO box of a photo with its true SKU at probability 1 (the neighbouring bays' boxes too)."""
     boxes = [
         [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns
     ]
@@ -82,7 +85,7 @@ def evaluate_on_world(
             continue
         im = images[item["image_id"]]
         if use_ground_truth_detections:
-            obs = _observation(
+            obs = observation_from_coco(
                 by_image.get(item["image_id"], []),
                 im["width"],
                 im["height"],

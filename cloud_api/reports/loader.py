@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import numpy as np
 
 from cloud_api import catalogue as cat
 from cloud_api import models as m
 from cloud_api.ingest import Ingestor
 from cloud_api.reports.directory import put_planogram, write_directory
-from planograms.compliance import BayCompliance, ShelfObservation, check_bay
+from planograms.compliance import BayCompliance, check_bay
+from planograms.evaluate import observation_from_coco
 from planograms.metrics import SkuInfo
 from planograms.schema import Planogram
 from shelfloop import contract
@@ -64,21 +64,6 @@ def _jpeg(path: Path) -> bytes:
         buf = io.BytesIO()
         img.convert("RGB").save(buf, "JPEG", quality=75)
         return buf.getvalue()
-
-
-def _observation(anns: list[dict[str, Any]], width: int, height: int) -> ShelfObservation:
-    """Every COCO box of the photo with its true SKU at probability 1 (neighbouring bays' too)."""
-    boxes = [
-        [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns
-    ]
-    n = len(boxes)
-    return ShelfObservation(
-        xyxy=np.array(boxes, dtype=np.float64).reshape(-1, 4),
-        confidence=np.ones(n),
-        sku_id=[a.get("sku_id") for a in anns],
-        sku_prob=np.ones(n),
-        image_size=(width, height),
-    )
 
 
 def _box(b: tuple[float, float, float, float], w: int, h: int) -> contract.BoundingBox | None:
@@ -188,7 +173,7 @@ def load_world(
         for a in coco["annotations"]:
             anns.setdefault(a["image_id"], []).append(a)
         for im in coco["images"]:
-            obs = _observation(anns.get(im["id"], []), im["width"], im["height"])
+            obs = observation_from_coco(anns.get(im["id"], []), im["width"], im["height"])
             res = check_bay(
                 obs,
                 plan.bay(im["bay_id"]),
