@@ -138,6 +138,7 @@ def run(
     s3_endpoint: str | None = None,
     queue_ops: int = 1000,
     queue_workers: int = 2,
+    ingest_workers: int = 1,
     timeout_s: float = 300.0,
 ) -> dict[str, Any]:
     """Run the benchmark; returns ``{"figures": {...}, "lines": [...]}`` like `shelfloop bench contract`."""
@@ -150,12 +151,17 @@ def run(
             store = S3ObjectStore(endpoint, "bench", "bench-secret", bucket, region="us-east-1")
             raw_rate = _raw_put_rate(store, [jpeg_of_size(crop_bytes) for _ in range(min(n, 300))])
             crops = [make_crop("bench-store", "bench-dev", jpeg=jpeg_of_size(crop_bytes)) for _ in range(n)]
-            worker = IngestWorker(
-                Ingestor(db, store), host="127.0.0.1", port=port, client_id=f"bench-{os.getpid()}"
-            )
-            worker.start()
-            if not worker.wait_ready(10):
-                raise RuntimeError("ingest worker did not subscribe")
+            # Workers of one shared-subscription group split the uplinks, as deployed ingest scales out.
+            workers = [
+                IngestWorker(
+                    Ingestor(db, store), host="127.0.0.1", port=port, client_id=f"bench-{os.getpid()}-{k}"
+                )
+                for k in range(ingest_workers)
+            ]
+            for worker in workers:
+                worker.start()
+                if not worker.wait_ready(10):
+                    raise RuntimeError("ingest worker did not subscribe")
             device = DeviceSim("127.0.0.1", port, "bench-store", "bench-dev", resend_after_s=timeout_s)
             try:
                 device.wait_connected()
@@ -167,7 +173,8 @@ def run(
                 ingest_rate = n / (time.perf_counter() - started)
             finally:
                 device.close()
-                worker.stop()
+                for worker in workers:
+                    worker.stop()
         queue_rate = _queue_rate(db, queue_ops, queue_workers)
     finally:
         db.dispose()
@@ -182,11 +189,12 @@ def run(
         "queue_ops_per_s": round(queue_rate, 1),
         "queue_ops": queue_ops,
         "queue_workers": queue_workers,
+        "ingest_workers": ingest_workers,
         "database": dialect,
     }
     lines = [
-        f"ingest: {n} crops of {figures['crop_bytes']} B, broker -> worker -> S3 + {dialect} -> ack: "
-        f"{figures['ingest_crops_per_s']} crops/s",
+        f"ingest: {n} crops of {figures['crop_bytes']} B, broker -> {ingest_workers} worker(s) -> S3 + "
+        f"{dialect} -> ack: {figures['ingest_crops_per_s']} crops/s",
         f"raw S3 put (same server, same run): {figures['raw_s3_puts_per_s']} puts/s; "
         f"ingest/raw ratio {figures['ingest_to_storage_ratio']}",
         f"queue ({dialect}, {queue_workers} workers): {figures['queue_ops_per_s']} claim+complete ops/s",

@@ -165,7 +165,7 @@ class Ingestor:
             width, height = contract.jpeg_dimensions(msg.jpeg)
         digest = sha256_hex(msg.jpeg)
         key = f"crops/{msg.store_id}/{msg.device_id}/{digest}.jpg"
-        self.store.put_if_absent(key, msg.jpeg, "image/jpeg")
+        self.store.put_content_addressed(key, msg.jpeg, "image/jpeg")
         row = {
             "crop_id": msg.crop_id,
             "object_key": key,

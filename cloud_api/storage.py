@@ -54,6 +54,14 @@ def _check_key(key: str) -> str:
     return key
 
 
+def _check_digest(key: str, data: bytes) -> str:
+    """A content-addressed key must end with the SHA-256 of its bytes; anything else is a caller bug."""
+    digest = sha256_hex(data)
+    if digest not in key.rsplit("/", 1)[-1]:
+        raise ValueError(f"{key!r} does not name the SHA-256 of its data ({digest})")
+    return digest
+
+
 class ObjectStore(Protocol):
     """What the cloud needs from object storage."""
 
@@ -63,6 +71,13 @@ class ObjectStore(Protocol):
         An existing object with the same bytes is success (returns False); different bytes raise
         `ObjectConflict`, because for content-addressed keys that can only mean corruption.
         """
+        ...
+
+    def put_content_addressed(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
+        """Store ``data`` under a key that names its SHA-256: rewriting the same bytes is harmless, so no
+        existence check (a round trip per crop on S3) is needed."""
         ...
 
     def get(self, key: str) -> bytes: ...
@@ -104,6 +119,12 @@ class LocalObjectStore:
             return True
         finally:
             os.unlink(tmp)
+
+    def put_content_addressed(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
+        _check_digest(key, data)
+        self.put_if_absent(key, data, content_type)  # a local existence check costs nothing
 
     def get(self, key: str) -> bytes:
         try:
@@ -188,6 +209,19 @@ class S3ObjectStore:
             metadata={self._SHA_META: digest},
         )
         return True
+
+    def put_content_addressed(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> None:
+        digest = _check_digest(_check_key(key), data)
+        self.client.put_object(
+            self.bucket,
+            key,
+            io.BytesIO(data),
+            len(data),
+            content_type=content_type,
+            metadata={self._SHA_META: digest},
+        )
 
     def get(self, key: str) -> bytes:
         from minio.error import S3Error

@@ -480,6 +480,9 @@ def eval_compliance(
             help="Feed the true boxes and SKUs (grades the alignment alone) instead of running the models.",
         ),
     ] = False,
+    conf: Annotated[
+        float | None, typer.Option(help="Detector confidence threshold (default: the bundle's).")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
 ) -> None:
     """Per-label precision, recall and F1 of planogram compliance on a world's ground truth, running the
@@ -495,6 +498,8 @@ def eval_compliance(
         from models.loader import BASELINE_MODEL, load_model_bundle
 
         mb = _load_bundle(load_model_bundle, bundle or BASELINE_MODEL)
+        if conf is not None:
+            mb.detector.conf_threshold = conf
         cal = {k: v for k, v in mb.calibration.items() if k != "fitted_on"}
         refs = image_folder(dataset / "crops" / "train") + image_folder(dataset / "catalogue" / "packshots")
         recognizer = mb.recognizer(build_gallery(mb.embedder, refs, "eval", **cal))
@@ -755,6 +760,7 @@ def bench_ingest(
     ] = None,
     queue_ops: Annotated[int, typer.Option(min=10, help="Claim+complete operations to time.")] = 1000,
     queue_workers: Annotated[int, typer.Option(min=1)] = 2,
+    workers: Annotated[int, typer.Option(min=1, help="Ingest workers in the shared-subscription group.")] = 1,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON.")] = None,
 ) -> None:
     """Crops/s from a device through Mosquitto, an ingest worker, S3 (moto on loopback) and the database,
@@ -762,7 +768,12 @@ def bench_ingest(
     from cloud_api.bench import run
 
     result = run(
-        n, crop_kb * 1024, database_url=database_url, queue_ops=queue_ops, queue_workers=queue_workers
+        n,
+        crop_kb * 1024,
+        database_url=database_url,
+        queue_ops=queue_ops,
+        queue_workers=queue_workers,
+        ingest_workers=workers,
     )
     for line in result["lines"]:
         typer.echo(line)

@@ -129,6 +129,18 @@ def test_put_if_absent_is_create_only_and_idempotent(store: ObjectStore) -> None
     store.check()
 
 
+def test_content_addressed_put_needs_no_round_trip_and_checks_the_name(store: ObjectStore) -> None:
+    from cloud_api.storage import sha256_hex
+
+    data = b"\xff\xd8 some crop bytes \xff\xd9"
+    key = f"crops/s1/d1/{sha256_hex(data)}.jpg"
+    store.put_content_addressed(key, data, "image/jpeg")
+    store.put_content_addressed(key, data, "image/jpeg")  # a resend rewrites the same bytes
+    assert store.get(key) == data
+    with pytest.raises(ValueError, match="does not name the SHA-256"):
+        store.put_content_addressed(f"crops/s1/d1/{'0' * 64}.jpg", data)
+
+
 def test_concurrent_writers_of_one_key_both_succeed(store: ObjectStore) -> None:
     data = b"\xff\xd8" + bytes(range(256)) * 40
     key = crop_key("s", "d", data)
