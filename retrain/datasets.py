@@ -6,7 +6,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+from models.evaluate import image_folder as _image_folder
 
 
 @dataclass(frozen=True)
@@ -17,16 +17,7 @@ class Sample:
 
 def image_folder(root: Path, prefix: str = "") -> list[Sample]:
     """`root/<label>/*.jpg` (the layout of a synthetic world's crops/<split>/)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no image folder at {root}")
-    return [
-        Sample(p, prefix + d.name)
-        for d in sorted(root.iterdir())
-        if d.is_dir()
-        for p in sorted(d.iterdir())
-        if p.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    return [Sample(path, prefix + label) for path, label in _image_folder(Path(root))]
 
 
 def grocery_store(root: Path, split: str) -> list[Sample]:
