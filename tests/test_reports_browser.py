@@ -1,12 +1,16 @@
 """The merchandiser pages in a real browser: Playwright driving Debian's Chromium against uvicorn on
 loopback. Logs in, reads the store list, checks the bay page's coloured boxes against the API, the task
-order and the CSV download, and saves the screenshots the docs show (docs/img/reports/)."""
+order and the CSV download, and saves screenshots: into docs/img/reports/ (the pictures the README shows)
+when SHELFLOOP_DOCS_SCREENSHOTS=1, otherwise into the test's temporary folder so a test run leaves the
+work tree as it was."""
 
 from __future__ import annotations
 
 import csv
 import io
+import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +21,12 @@ import pytest
 from test_reports import PASSWORD, World, make_world
 
 CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = Path(__file__).resolve().parents[1] / "docs" / "img" / "reports"
+DOCS_SHOTS = Path(__file__).resolve().parents[1] / "docs" / "img" / "reports"
+SHOTS = (
+    DOCS_SHOTS
+    if os.environ.get("SHELFLOOP_DOCS_SCREENSHOTS") == "1"
+    else Path(tempfile.mkdtemp(prefix="shots-"))
+)
 ARGS = [
     "--headless",
     "--no-sandbox",
