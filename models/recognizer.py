@@ -7,6 +7,7 @@ its own normalisation and L2 normalisation, so training and the edge cannot disa
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -16,6 +17,7 @@ from models.backends.base import InferenceBackend
 from models.detections import Detections
 from models.detector import as_bgr
 from models.errors import BadImage, ModelError
+from models.gallery import Gallery
 
 CROP_PAD_VALUE = 128
 
@@ -95,9 +97,7 @@ def model_fingerprint(path: Path) -> str:
 class SkuRecognizer:
     """Embeds detections and looks them up in the gallery: top-k SKUs, calibrated, with a novelty score."""
 
-    def __init__(self, embedder: SkuEmbedder, gallery, top_k: int = 5) -> None:
-        from models.gallery import Gallery
-
+    def __init__(self, embedder: SkuEmbedder, gallery: Gallery, top_k: int = 5) -> None:
         if not isinstance(gallery, Gallery):
             raise TypeError("gallery must be a models.gallery.Gallery")
         gallery.check_compatible(embedder.fingerprint)
@@ -110,8 +110,6 @@ class SkuRecognizer:
         if not len(detections):
             return detections
         result = self.recognise_crops(crop_boxes(as_bgr(image_bgr), detections.xyxy))
-        from dataclasses import replace
-
         return replace(
             detections,
             sku_id=result.sku_id,
