@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_api.db import Database
-from cloud_api.devsim import DeviceSim, make_crop
+from cloud_api.devsim import DeviceSim, crop_row, make_crop
 from cloud_api.ingest import Ingestor, IngestWorker
 from cloud_api.queue import AnnotationQueue, enqueue_crop
 from cloud_api.storage import S3ObjectStore
@@ -75,7 +75,6 @@ def _raw_put_rate(store: S3ObjectStore, payloads: list[bytes]) -> float:
 def _queue_rate(db: Database, ops: int, workers: int) -> float:
     """Claim + complete ops/s over ``ops`` fresh tasks with ``workers`` threads."""
     from cloud_api import models as m
-    from shelfloop import contract
 
     with db.session() as s:
         users = [
@@ -87,28 +86,12 @@ def _queue_rate(db: Database, ops: int, workers: int) -> float:
         user_ids = [u.id for u in users]
         for i in range(ops):
             crop = m.Crop(
-                crop_id=contract.new_crop_id(),
-                object_key=f"bench/{time.time_ns()}-{i}.jpg",
-                sha256="0" * 64,
-                size_bytes=1,
-                width=1,
-                height=1,
-                store_id="bench",
-                device_id="bench",
-                camera_id="bench",
-                captured_at=contract.utc_now(),
-                source="shelf",
-                model_version="m",
-                gallery_version="g",
-                detector_confidence=0.5,
-                box={},
-                frame_width=1,
-                frame_height=1,
-                candidates=[],
-                reasons=["audit_sample"],
-                priority=50,
-                margin=None,
-                novelty=None,
+                **crop_row(
+                    object_key=f"bench/{time.time_ns()}-{i}.jpg",
+                    store_id="bench",
+                    device_id="bench",
+                    camera_id="bench",
+                )
             )
             s.add(crop)
             s.flush()

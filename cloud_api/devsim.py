@@ -16,7 +16,7 @@ from typing import Any
 
 from shelfloop import contract
 
-__all__ = ["DeviceSim", "make_crop", "random_jpeg"]
+__all__ = ["DeviceSim", "crop_row", "make_crop", "random_jpeg"]
 
 
 def random_jpeg(width: int = 32, height: int = 32, quality: int = 85) -> bytes:
@@ -58,6 +58,38 @@ def make_crop(
     }
     values.update(fields)
     return contract.UncertainCrop(**values)
+
+
+def crop_row(**fields: Any) -> dict[str, Any]:
+    """Column values of a plausible stored crop (`cloud_api.models.Crop`); ``fields`` override any of them.
+
+    For benchmarks and tests that need queue rows without going through ingest."""
+    values: dict[str, Any] = {
+        "crop_id": contract.new_crop_id(),
+        "object_key": f"crops/s/d/{os.urandom(32).hex()}.jpg",
+        "sha256": "0" * 64,
+        "size_bytes": 1,
+        "width": 1,
+        "height": 1,
+        "store_id": "s",
+        "device_id": "d",
+        "camera_id": "cam",
+        "captured_at": contract.utc_now(),
+        "source": "shelf",
+        "model_version": "m",
+        "gallery_version": "g",
+        "detector_confidence": 0.5,
+        "box": {},
+        "frame_width": 1,
+        "frame_height": 1,
+        "candidates": [],
+        "reasons": ["audit_sample"],
+        "priority": 50,
+        "margin": None,
+        "novelty": None,
+    }
+    values.update(fields)
+    return values
 
 
 class DeviceSim:

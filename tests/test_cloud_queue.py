@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from cloud_api import models as m
 from cloud_api.db import Database
+from cloud_api.devsim import crop_row
 from cloud_api.queue import (
     AnnotationQueue,
     InvalidAnswer,
@@ -66,28 +67,20 @@ def crops(db: Database, n: int, *, priorities: list[int] | None = None, required
         s.merge(m.Sku(sku_id="sku-b", name="B"))
         for i in range(n):
             crop = m.Crop(
-                crop_id=c.new_crop_id(),
-                object_key=f"crops/s/d/{i:064x}.jpg",
-                sha256=f"{i:064x}",
-                size_bytes=10,
-                width=8,
-                height=8,
-                store_id="s",
-                device_id="d",
-                camera_id="cam",
-                captured_at=c.utc_now(),
-                source="shelf",
-                model_version="m",
-                gallery_version="g",
-                detector_confidence=0.5,
-                box={"x1": 0, "y1": 0, "x2": 8, "y2": 8},
-                frame_width=100,
-                frame_height=100,
-                candidates=[{"sku_id": "sku-a", "score": 0.5}, {"sku_id": "sku-b", "score": 0.4}],
-                reasons=["low_margin"],
-                priority=priorities[i] if priorities else 50,
-                margin=0.1,
-                novelty=None,
+                **crop_row(
+                    object_key=f"crops/s/d/{i:064x}.jpg",
+                    sha256=f"{i:064x}",
+                    size_bytes=10,
+                    width=8,
+                    height=8,
+                    box={"x1": 0, "y1": 0, "x2": 8, "y2": 8},
+                    frame_width=100,
+                    frame_height=100,
+                    candidates=[{"sku_id": "sku-a", "score": 0.5}, {"sku_id": "sku-b", "score": 0.4}],
+                    reasons=["low_margin"],
+                    priority=priorities[i] if priorities else 50,
+                    margin=0.1,
+                )
             )
             s.add(crop)
             s.flush()

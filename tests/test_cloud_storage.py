@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from cloud_api import models as m
 from cloud_api.db import Database, current_revision, head_revision, insert_ignore
+from cloud_api.devsim import crop_row
 from cloud_api.storage import (
     LocalObjectStore,
     ObjectConflict,
@@ -66,29 +67,15 @@ def test_timestamps_come_back_timezone_aware(db_url: str) -> None:
 
 def test_idempotent_crop_insert_on_both_databases(db_url: str) -> None:
     db = Database(db_url)
-    row: dict[str, Any] = dict(
+    row = crop_row(
         crop_id="CROP0000001",
         object_key="crops/s/d/abc.jpg",
         sha256="abc",
         size_bytes=3,
-        width=1,
-        height=1,
-        store_id="s",
-        device_id="d",
-        camera_id="cam",
-        captured_at=c.utc_now(),
-        source="shelf",
-        model_version="m",
-        gallery_version="g",
-        detector_confidence=0.5,
-        box={},
         frame_width=10,
         frame_height=10,
-        candidates=[],
         reasons=["novelty"],
         priority=1,
-        margin=None,
-        novelty=None,
     )
     try:
         with db.session() as s:
