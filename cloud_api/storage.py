@@ -200,20 +200,16 @@ class S3ObjectStore:
             if getattr(stat, "size", None) != len(data) or (stored_sha is not None and stored_sha != digest):
                 raise ObjectConflict(f"{key} exists with different content")
             return False
-        self.client.put_object(
-            self.bucket,
-            key,
-            io.BytesIO(data),
-            len(data),
-            content_type=content_type,
-            metadata={self._SHA_META: digest},
-        )
+        self._put(key, data, content_type, digest)
         return True
 
     def put_content_addressed(
         self, key: str, data: bytes, content_type: str = "application/octet-stream"
     ) -> None:
-        digest = _check_digest(_check_key(key), data)
+        self._put(_check_key(key), data, content_type, _check_digest(key, data))
+
+    def _put(self, key: str, data: bytes, content_type: str, digest: str) -> None:
+        """One PUT, with the SHA-256 kept in the object's metadata for later conflict checks."""
         self.client.put_object(
             self.bucket,
             key,
