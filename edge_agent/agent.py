@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -27,6 +27,7 @@ from edge_agent.sources import Frame, FrameSource, open_source
 from edge_agent.telemetry import ResourceMonitor, StageTimer
 from edge_agent.tracking import CheckoutVote, IouTracker, TrackerConfig
 from models.detections import Detections
+from planograms.catalogue import CatalogueView
 from planograms.compliance import BayCompliance, check_bay
 from planograms.schema import Planogram
 from shelfloop import contract
@@ -93,8 +94,7 @@ class EdgeAgent:
         publish: Publish | None = None,
         on_crop: Callable[[], None] | None = None,
         planogram: Planogram | None = None,
-        known_skus: Sequence[str] | None = None,
-        variants: Mapping[str, str] | None = None,
+        catalogue: CatalogueView | None = None,
         snapshot_max_side: int = 640,
         fault_sources: Sequence[Callable[[], list[str]]] = (),
         uplink_stats: Callable[[], Any] | None = None,
@@ -108,8 +108,7 @@ class EdgeAgent:
         self.publish = publish
         self.on_crop = on_crop
         self.planogram = planogram
-        self.known_skus = list(known_skus) if known_skus is not None else None
-        self.variants = dict(variants or {})
+        self.catalogue = catalogue
         self.snapshot_max_side = snapshot_max_side
         self.timer = StageTimer()
         self.resources = ResourceMonitor()
@@ -311,8 +310,9 @@ class EdgeAgent:
             result = check_bay(
                 observation_from_detections(det, frame.image.shape),
                 bay,
-                known_skus=self.known_skus,
-                variants=self.variants,
+                known_skus=self.catalogue.known_skus if self.catalogue else None,
+                variants=self.catalogue.variants if self.catalogue else None,
+                catalogue=self.catalogue.info if self.catalogue else None,
                 other_bays=[b for b in self.planogram.bays if b.bay_id != bay.bay_id],
             )
             snapshot = self._snapshot(cam, frame, result, pipeline)
@@ -631,7 +631,10 @@ def build_agent(
         outbox,
     )
     pipeline = pipeline or load_pipeline(settings)
-    planogram = schema.load(edge.planogram) if edge.planogram else None
+    catalogue = CatalogueView.load(edge.catalogue) if edge.catalogue else None
+    planogram = (
+        schema.load(edge.planogram, catalogue.known_skus if catalogue else None) if edge.planogram else None
+    )
     c = edge.checkout
     tracker_config = TrackerConfig(
         iou_threshold=c.iou_threshold,
@@ -661,6 +664,7 @@ def build_agent(
         publish=uplink.publish_message,
         on_crop=uplink.kick,
         planogram=planogram,
+        catalogue=catalogue,
         snapshot_max_side=edge.snapshot_max_side,
         fault_sources=[uplink.take_faults],
         uplink_stats=uplink.stats,

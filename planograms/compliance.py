@@ -176,6 +176,8 @@ class ComplianceConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Tuning knobs; the defaults are what the synthetic-world evaluation was measured with."""
 
     min_match_prob: float = 0.25  # a run is the planned SKU when P(planned SKU) reaches this
+    pack_size_sigma: float = 0.15  # log-size tolerance when pack dimensions weigh size variants
+    min_rebalance_prob: float = 0.02  # a boundary facing may move to the neighbouring block that lacks one
     gap_cost: float = 1.0  # skipping a slot or a product, per (width-leaning) slot unit; a match earns 2
     substitution_score: float = 0.5  # another product standing in a slot's place
     gap_stand_in_score: float = 1.6  # an empty stretch standing in a slot's place
@@ -297,6 +299,8 @@ class _Ctx:
     probs: list[dict[str, float]]  # canonical SKU -> probability per box
     cx: np.ndarray
     width: np.ndarray
+    pack_mm: dict[str, tuple[float, float]] = field(default_factory=dict)  # canonical SKU -> (w, h)
+    facings_found: dict[tuple[int, int], int] = field(default_factory=dict)  # (row, slot) -> count
 
 
 def _canonicalizer(variants: Mapping[str, str] | None, known: set[str]) -> Callable[[str | None], str | None]:
@@ -974,6 +978,40 @@ def _bay_edge(row: _Row, idx: list[int], ctx: _Ctx, bay: Bay, edge_mm: float) ->
     return best[1]
 
 
+def _weigh_pack_sizes(row: _Row, idx: list[int], ctx: _Ctx) -> None:
+    """Size variants of one product look alike to the recognizer but not on the shelf: weigh each box's
+    candidate SKUs by how well its size, at the row's registered scale, fits their pack dimensions from
+    the catalogue. Boxes cut by the photo edge say nothing about size."""
+    if not ctx.pack_mm or row.model is None:
+        return
+    img_w, img_h = ctx.obs.image_size
+    sigma = ctx.cfg.pack_size_sigma
+    for i in idx:
+        x1, y1, x2, y2 = ctx.obs.xyxy[i]
+        probs = ctx.probs[i]
+        sized = [s for s in probs if s in ctx.pack_mm]
+        if len(sized) < 2 or x1 <= 1 or y1 <= 1 or x2 >= img_w - 1 or y2 >= img_h - 1:
+            continue
+        scale = row.model.scale(row.model.mm((x1 + x2) / 2))
+        if not scale > 0:
+            continue
+        w, h = (x2 - x1) / scale, (y2 - y1) / scale
+        like = {
+            s: math.exp(-0.5 * (math.log(w / pw) ** 2 + math.log(h / ph) ** 2) / sigma**2)
+            for s in sized
+            for pw, ph in [ctx.pack_mm[s]]
+        }
+        mass = sum(probs[s] for s in sized)
+        weighed = {s: probs[s] * like[s] for s in sized}
+        total = sum(weighed.values())
+        if total <= 0:
+            continue
+        for s in sized:
+            probs[s] = mass * weighed[s] / total
+        if ctx.skus[i] is not None:
+            ctx.skus[i] = max(probs, key=lambda s: probs[s])
+
+
 def _solve_row(row: _Row, idx: list[int], ctx: _Ctx, bay: Bay) -> tuple[list[int], list[int]]:
     """Keep the boxes whose centre lies inside the bay's registered extent and align them.
 
@@ -987,19 +1025,60 @@ def _solve_row(row: _Row, idx: list[int], ctx: _Ctx, bay: Bay) -> tuple[list[int
     kept = [i for i in idx if lo_px <= ctx.cx[i] <= hi_px]
     row.edges = (lo_px, hi_px)
     row.boxes = kept
+    _weigh_pack_sizes(row, kept, ctx)
     row.runs = sorted(_runs(kept, ctx) + _gap_tokens(row, kept, ctx, bay), key=lambda t: t.cx)
     row.match, row.stand_in = _align(row.slots, row.runs, row.model, ctx.cfg)
+    if _split_merged(row, ctx):
+        row.match, row.stand_in = _align(row.slots, row.runs, row.model, ctx.cfg)
     _rebalance(row, ctx)
     _set_anchors(row)
     inside = set(kept)
     return kept, [i for i in idx if i not in inside]
 
 
+def _split_merged(row: _Row, ctx: _Ctx) -> bool:
+    """Split a run matched to a slot with more facings than planned when the next planned slot has no run
+    and the surplus facings at that end may be its SKU: the recognizer found two neighbouring look-alike
+    blocks equally likely for both SKUs and they merged into one run. True when the row's runs changed."""
+    least = ctx.cfg.min_match_prob
+    split: list[tuple[int, _Run]] = []
+    for si, ri in sorted(row.match.items()):
+        run, s = row.runs[ri], row.slots[si]
+        if _count_facings(ctx.obs, run.idx) <= s.facings:
+            continue
+        for d in (1, -1):
+            sj = si + d
+            if not 0 <= sj < len(row.slots) or sj in row.match or row.slots[sj].sku_id == s.sku_id:
+                continue
+            other = row.slots[sj]
+            keep, moved = list(run.idx), []
+            while (
+                len(keep) > 1
+                and _count_facings(ctx.obs, keep) > s.facings
+                and _count_facings(ctx.obs, moved) < other.facings
+                and ctx.probs[keep[-1 if d > 0 else 0]].get(other.sku_id, 0.0) >= least
+            ):
+                moved.insert(len(moved) if d < 0 else 0, keep.pop(-1 if d > 0 else 0))
+            if moved and _count_facings(ctx.obs, keep) == s.facings:
+                run.idx = keep
+                _restat(run, ctx)
+                run.sku = s.sku_id
+                part = _Run(moved, other.sku_id, {}, 0.0, 0.0, 0)
+                _restat(part, ctx)
+                split.append((ri, part))
+                break
+    for _, part in split:
+        row.runs.append(part)
+    if split:
+        row.runs.sort(key=lambda t: t.cx)
+    return bool(split)
+
+
 def _rebalance(row: _Row, ctx: _Ctx) -> None:
     """Move facings across the boundary of two neighbouring matched blocks when one has too many and the
     other too few and the recognizer allows the facing to be the other SKU: two look-alike blocks side by
     side are often split one facing off."""
-    least = ctx.cfg.min_match_prob
+    least = ctx.cfg.min_rebalance_prob
     pairs = sorted(row.match.items(), key=lambda kv: kv[1])
     for (sa, ra), (sb, rb) in itertools.pairwise(pairs):
         if rb != ra + 1:
@@ -1144,6 +1223,11 @@ def check_bay(
         probs=probs,
         cx=(obs.xyxy[:, 0] + obs.xyxy[:, 2]) / 2,
         width=obs.xyxy[:, 2] - obs.xyxy[:, 0],
+        pack_mm={
+            sku: (info.width_mm, info.height_mm)
+            for sku, info in (catalogue or {}).items()
+            if info.width_mm and info.height_mm
+        },
     )
     rows = [
         _Row(plan=r, slots=sorted(r.slots, key=lambda s: s.x_mm), width_mm=bay.width_mm)
@@ -1218,7 +1302,7 @@ def check_bay(
     for row in rows:
         for s in row.slots:
             status, boxes, found_sku = results[(row.plan.shelf_row, s.slot_index)]
-            n_found = _count_facings(obs, boxes)
+            n_found = ctx.facings_found.get((row.plan.shelf_row, s.slot_index), _count_facings(obs, boxes))
             slots.append(
                 SlotResult(
                     shelf_row=row.plan.shelf_row,
@@ -1334,17 +1418,16 @@ def _best_other_bay(
 
 
 def _count_facings(obs: ShelfObservation, boxes: list[int]) -> int:
-    """Facings side by side; a box stacked over the previous one is the same facing."""
-    n, prev = 0, None
-    for i in sorted(boxes, key=lambda i: obs.xyxy[i, 0]):
+    """Facings side by side. A box stacked over another is the same facing, and so is a box that spans
+    two facings already counted (a merged detection): narrow boxes are counted first."""
+    taken: list[np.ndarray] = []
+    for i in sorted(boxes, key=lambda i: obs.xyxy[i, 2] - obs.xyxy[i, 0]):
         box = obs.xyxy[i]
-        if prev is not None:
-            overlap = min(prev[2], box[2]) - max(prev[0], box[0])
-            if overlap >= 0.5 * min(prev[2] - prev[0], box[2] - box[0]):
-                continue
-        n += 1
-        prev = box
-    return n
+        if not any(
+            min(t[2], box[2]) - max(t[0], box[0]) >= 0.5 * min(t[2] - t[0], box[2] - box[0]) for t in taken
+        ):
+            taken.append(box)
+    return len(taken)
 
 
 def _label(rows: list[_Row], ctx: _Ctx, bay: Bay) -> dict[tuple[int, int], tuple[str, list[int], str | None]]:
@@ -1407,6 +1490,9 @@ def _label(rows: list[_Row], ctx: _Ctx, bay: Bay) -> dict[tuple[int, int], tuple
                 out[key] = (MISPLACED, list(run.idx), run.sku)
                 continue
             n = _count_facings(ctx.obs, run.idx)
+            if n < s.facings:  # one box over two facings (a merged detection) still shows both
+                n = max(n, min(s.facings, _facings_by_width(row, s, run, ctx)))
+            ctx.facings_found[key] = n
             over = n > s.facings
             under = n < s.facings and _missing_facings_visible(row, s, run, n, ctx, gaps[k])
             status = FACING_MISMATCH if over or under else CORRECT
@@ -1421,6 +1507,16 @@ def _label(rows: list[_Row], ctx: _Ctx, bay: Bay) -> dict[tuple[int, int], tuple
                 continue
             out[key] = (_empty_or_unverified(row, si, ctx, gaps[k]), [], None)
     return out
+
+
+def _facings_by_width(row: _Row, s: Slot, run: _Run, ctx: _Ctx) -> int:
+    """Facings the run's boxes cover at the slot's planned pitch (its width per facing, spare included,
+    so this never counts more than stand there)."""
+    assert row.model is not None
+    pitch = row.model.scale(s.x_mm + s.width_mm / 2) * s.width_mm / max(1, s.facings)
+    spans = sorted((float(ctx.obs.xyxy[i, 0]), float(ctx.obs.xyxy[i, 2])) for i in run.idx)
+    covered = _interval_coverage(spans[0][0], spans[-1][1], spans) if spans else 0.0
+    return round(covered / pitch) if pitch > 0 else 0
 
 
 def _missing_facings_visible(

@@ -13,8 +13,9 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from planograms.catalogue import CatalogueView
 from planograms.compliance import MISSING_UNVERIFIED, SLOT_STATUSES, ShelfObservation, check_bay
-from planograms.metrics import SkuInfo, label_scores
+from planograms.metrics import label_scores
 from planograms.schema import Planogram
 
 GT_SLOT_LABELS = ("correct", "misplaced_same_row", "wrong_shelf", "out_of_stock", "facing_count_mismatch")
@@ -58,10 +59,8 @@ def evaluate_on_world(
     root = Path(world_dir)
     gt = json.loads((root / "shelf" / "compliance_gt.json").read_text())
     plan = msgspec.json.decode((root / "planograms.json").read_bytes(), type=Planogram)
-    cat = json.loads((root / "catalogue.json").read_text())["skus"]
-    known = [s["sku_id"] for s in cat]
-    catalogue = {s["sku_id"]: SkuInfo(brand=s["brand"], category=s["category"]) for s in cat}
-    variants = {v["variant_id"]: s["sku_id"] for s in cat for v in s.get("variants", [])}
+    cat = CatalogueView.load(root / "catalogue.json")
+    known, variants, catalogue = cat.known_skus, cat.variants, cat.info
     splits = ("train", "val", "test") if split == "all" else (split,)
     images: dict[str, dict] = {}
     by_image: dict[str, list[dict]] = {}

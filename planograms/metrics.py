@@ -22,6 +22,8 @@ class SkuInfo(msgspec.Struct, frozen=True, kw_only=True):
 
     brand: str
     category: str
+    width_mm: float | None = None  # pack front, from the catalogue: evidence between size variants
+    height_mm: float | None = None
 
 
 class ShareOfShelf(msgspec.Struct, kw_only=True):

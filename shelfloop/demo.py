@@ -141,6 +141,7 @@ def run_demo(out: Path, seed: int = 202, fresh: bool = False, serve: bool = Fals
                 "device_id": DEVICE_ID,
                 "data_dir": str(out / "edge"),
                 "planogram": str(plan_path),
+                "catalogue": str(world / "catalogue.json"),
                 "cameras": cameras,
                 # a demo compresses a store's day into a minute: a larger quota than a device's default
                 "routing": {"per_minute": 150, "per_hour": 1000},

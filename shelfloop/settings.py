@@ -113,6 +113,7 @@ class EdgeSettings(_Section):
     model_bundle: Path | None = None  # None: the shipped baseline (models/baseline/model)
     gallery: Path | None = None  # None: the shipped baseline gallery
     planogram: Path | None = None  # planogram JSON with the bays the shelf cameras face
+    catalogue: Path | None = None  # catalogue JSON: SKU ids, packaging variants, pack sizes
     trusted_keys: list[Path] = []  # extra ed25519 public keys for bundles and galleries
     heartbeat_s: float = Field(30.0, gt=0)
     snapshot_max_side: int = Field(640, ge=64, le=4096)

@@ -332,6 +332,45 @@ def test_a_look_alike_with_a_soft_score_still_matches_its_planned_slot():
     assert status(check_bay(obs, BAY, config=strict))[(0, 2)] != CORRECT
 
 
+def test_two_look_alike_blocks_the_recognizer_cannot_tell_apart_get_their_planned_facings():
+    # C (3 facings) and D (2) side by side, every facing of both read as "C or D" with C slightly ahead:
+    # one run of five facings, split back along the plan instead of C over and D missing.
+    both = [("C", 0.5), ("D", 0.45)]
+    res = check_bay(photograph(BAY, as_planned(BAY), probs={"C": both, "D": both}), BAY)
+    only(res)
+    assert {s.planned_sku: s.facings_found for s in res.slots if s.shelf_row == 0}["D"] == 2
+
+
+def test_one_box_over_two_facings_still_counts_both():
+    obs = photograph(BAY, as_planned(BAY))
+    xyxy = obs.xyxy.copy()
+    c = [i for i, s in enumerate(obs.sku_id) if s == "C"]
+    xyxy[c[1], 2] = xyxy[c[2], 2]  # the detector merged the last two facings of C into one box
+    keep = [i for i in range(len(xyxy)) if i != c[2]]
+    merged = ShelfObservation(
+        xyxy=xyxy[keep],
+        confidence=obs.confidence[keep],
+        sku_id=[obs.sku_id[i] for i in keep],
+        sku_prob=obs.sku_prob[keep],
+        image_size=obs.image_size,
+    )
+    res = check_bay(merged, BAY)
+    only(res)
+    assert next(s for s in res.slots if s.planned_sku == "C").facings_found == 3
+
+
+def test_pack_sizes_from_the_catalogue_tell_size_variants_apart():
+    # Every facing of G (60 x 150 mm packs) is read as its smaller sibling G-small first.
+    probs = {"G": [("G-small", 0.6), ("G", 0.4)]}
+    plain = check_bay(photograph(BAY, as_planned(BAY), probs=probs), BAY)
+    assert next(s for s in plain.slots if s.planned_sku == "G").found_sku == "G-small"
+    sizes = {"G": SkuInfo(brand="b", category="c", width_mm=UNIT, height_mm=HEIGHT)}
+    sizes["G-small"] = SkuInfo(brand="b", category="c", width_mm=0.7 * UNIT, height_mm=0.7 * HEIGHT)
+    sized = check_bay(photograph(BAY, as_planned(BAY), probs=probs), BAY, catalogue=sizes)
+    only(sized)
+    assert next(s for s in sized.slots if s.planned_sku == "G").found_sku == "G"
+
+
 def test_shelf_lines_given_and_a_visibly_empty_shelf():
     real = as_planned(BAY)
     real[1] = [Gap(sum(s.width_mm for s in BAY.rows[1].slots))]

@@ -20,6 +20,7 @@ from edge_agent.sources import Frame, ImageFolderSource, SourceStats, VideoSourc
 from edge_agent.telemetry import ResourceMonitor
 from edge_agent.tracking import IouTracker, TrackerConfig
 from models.detections import Detections
+from planograms.catalogue import CatalogueView
 from planograms.compliance import synthetic_bay
 from planograms.schema import Planogram
 from shelfloop import contract as c
@@ -220,7 +221,9 @@ def test_the_shelf_pipeline_sends_a_compliance_snapshot_for_its_bay(outbox: Outb
         "gallery-1",
     )
     cam = AgentCamera("shelf-cam", "shelf", MemorySource("shelf-cam", [image, image]), bay.bay_id, 60.0)
-    agent = make_agent(outbox, [cam], pipeline, planogram=plan, known_skus=bay_skus(bay))
+    agent = make_agent(
+        outbox, [cam], pipeline, planogram=plan, catalogue=CatalogueView(bay_skus(bay), {}, {})
+    )
     assert agent.step() == 1
     assert agent.step() == 0  # the next frame is not due for 60 s
     (snapshot,) = [m for m in agent.published if isinstance(m, c.ComplianceSnapshot)]

@@ -25,9 +25,9 @@ from cloud_api import catalogue as cat
 from cloud_api import models as m
 from cloud_api.ingest import Ingestor
 from cloud_api.reports.directory import put_planogram, write_directory
+from planograms.catalogue import CatalogueView
 from planograms.compliance import BayCompliance, check_bay
 from planograms.evaluate import observation_from_coco
-from planograms.metrics import SkuInfo
 from planograms.schema import Planogram
 from shelfloop import contract
 
@@ -144,10 +144,8 @@ def load_world(
     report = LoadReport(stores=[s[0] for s in stores])
     plan = msgspec.json.decode((root / "planograms.json").read_bytes(), type=Planogram)
     catalogue_doc = json.loads((root / "catalogue.json").read_text())
-    skus = catalogue_doc["skus"]
-    known = [s["sku_id"] for s in skus]
-    info = {s["sku_id"]: SkuInfo(brand=s["brand"], category=s["category"]) for s in skus}
-    variants = {v["variant_id"]: s["sku_id"] for s in skus for v in s.get("variants", [])}
+    view = CatalogueView.from_json(catalogue_doc, str(root / "catalogue.json"))
+    known, info, variants = view.known_skus, view.info, view.variants
 
     with ingestor.db.session() as s:
         cat.import_json(s, catalogue_doc, actor="reports-loader")
