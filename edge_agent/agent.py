@@ -1,5 +1,8 @@
 """The agent loop: cameras -> models -> (compliance | tracking) -> routing -> outbox, plus heartbeats.
 
+Checkout items and uncertain crops go to the durable outbox (the uplink sends them and deletes them on
+the cloud's ack); compliance snapshots and heartbeats are published directly, best-effort.
+
 Why one loop over all cameras: a store device has a handful of cameras and two to six cores; one loop
 keeps the models loaded once, the timings honest and shutdown simple. Every camera is read without
 blocking; a shelf camera is processed at its interval, a checkout camera on every frame. Anything that
@@ -46,7 +49,8 @@ __all__ = [
 log = logging.getLogger("shelfloop.edge.agent")
 
 AGENT_VERSION: Final = "0.1.0"
-Publish = Callable[[contract.Heartbeat | contract.ComplianceSnapshot | contract.CheckoutItem], bool]
+Publish = Callable[[contract.Heartbeat | contract.ComplianceSnapshot], bool]
+"""Best-effort telemetry publish (`Uplink.publish_message`); checkout items never go this way."""
 _STATUS_COLOURS: Final = {
     "correct": (60, 180, 75),
     "out_of_stock": (0, 0, 230),
@@ -92,7 +96,7 @@ class EdgeAgent:
         outbox: Outbox,
         router: UncertaintyRouter,
         publish: Publish | None = None,
-        on_crop: Callable[[], None] | None = None,
+        on_crop: Callable[[], None] | None = None,  # something new in the outbox: wake the uplink
         planogram: Planogram | None = None,
         catalogue: CatalogueView | None = None,
         snapshot_max_side: int = 640,
@@ -124,7 +128,6 @@ class EdgeAgent:
         self.snapshots: list[contract.ComplianceSnapshot] = []  # last few, for tests and the local API
         self.checkout_items: list[contract.CheckoutItem] = []
         self.recent_frames: deque[np.ndarray] = deque(maxlen=5)  # the canary set for release updates
-        self._unsent_items: deque[contract.CheckoutItem] = deque(maxlen=1000)
         self._lock = threading.Lock()
         self._previous: Pipeline | None = None
         self._probation = 0
@@ -218,8 +221,6 @@ class EdgeAgent:
         next_heartbeat = self._clock() + heartbeat_s
         while not stop.is_set():
             processed = self.step()
-            if self._unsent_items:
-                self.retry_unsent()
             if self._clock() >= next_heartbeat:
                 self.send_heartbeat()
                 next_heartbeat = self._clock() + heartbeat_s
@@ -228,7 +229,6 @@ class EdgeAgent:
             if not processed:
                 stop.wait(idle_sleep_s)
         self.flush()
-        self.retry_unsent()
         self.send_heartbeat()
 
     def flush(self) -> None:
@@ -430,25 +430,22 @@ class EdgeAgent:
         if vote.status == "unresolved":
             log.info("checkout %s: item %d unresolved (%s)", cam.camera_id, track.track_id, vote.reason)
         self.checkout_items = [*self.checkout_items[-63:], item]
-        self._send_item(item)
+        self._store_item(item)
         return item
 
-    def _send_item(self, item: contract.CheckoutItem) -> None:
-        """Publish a checkout item; while the uplink is down it waits here (bounded) and is retried."""
-        if self.publish is None:
-            return
-        if self._unsent_items or not self.publish(item):
-            if len(self._unsent_items) == self._unsent_items.maxlen:
-                self.fault("checkout item backlog full: the oldest unsent item was dropped")
-            self._unsent_items.append(item)
+    def _store_item(self, item: contract.CheckoutItem) -> None:
+        """Write a checkout item to the durable outbox before anything is sent, then wake the uplink.
 
-    def retry_unsent(self) -> int:
-        """Send the checkout items that waited for the uplink, oldest first; returns how many went."""
-        sent = 0
-        while self._unsent_items and self.publish is not None and self.publish(self._unsent_items[0]):
-            self._unsent_items.popleft()
-            sent += 1
-        return sent
+        The uplink publishes it and only the cloud's `CheckoutAck` deletes it, so a SIGKILL, a restart
+        or a broker outage loses nothing; a refusal (disk error) is already a counted drop and a fault.
+        """
+        try:
+            result = self.outbox.put_item(item)
+        except contract.ContractError as exc:  # a bug, not an outage: report it, keep the loop (and flush)
+            self.fault(f"checkout item {item.event_id} not stored: {exc}")
+            return
+        if result.accepted and self.on_crop is not None:
+            self.on_crop()
 
     # -- telemetry ------------------------------------------------------------------------------------
 
@@ -499,6 +496,7 @@ class EdgeAgent:
         return beat
 
     def send_heartbeat(self) -> contract.Heartbeat:
+        """Publish a heartbeat best-effort: it is telemetry, the latest wins, so it is never stored."""
         beat = self.heartbeat()
         log.info(
             "heartbeat: %.1f frames/s, outbox %d (%d dropped), %d faults",
@@ -689,13 +687,14 @@ def run_agent(settings: Any, *, pipeline: Pipeline | None = None, stop: threadin
     finally:
         updates.stop()
         drained = uplink.stop(drain_timeout_s=settings.edge.uplink.drain_on_stop_s)
-        depth = outbox.stats().depth
+        kept = outbox.stats()
         for cam in agent.cameras:
             cam.source.close()
         outbox.close()
         log.info(
-            "edge agent stopped (outbox %s, %d crops kept for the next start)",
+            "edge agent stopped (outbox %s, %d crops and %d checkout items kept for the next start)",
             "drained" if drained else "not drained",
-            depth,
+            kept.crops,
+            kept.items,
         )
     return 0

@@ -1,8 +1,15 @@
-"""The durable outbox: every accepted uncertain crop waits here, on disk, until the cloud acks it.
+"""The durable outbox: every accepted uncertain crop and every checkout item waits here, on disk, until
+the cloud acks it.
 
-Why SQLite in WAL mode with ``synchronous=FULL``: a crop the agent accepted must survive a SIGKILL or a
-power cut a millisecond later, and the broker's PUBACK proves nothing (Mosquitto can lose acknowledged
-QoS-1 messages on a crash), so a crop leaves the store only when the cloud's `CropAck` for its id arrives.
+Why SQLite in WAL mode with ``synchronous=FULL``: a crop or checkout item the agent accepted must survive
+a SIGKILL or a power cut a millisecond later, and the broker's PUBACK proves nothing (Mosquitto can lose
+acknowledged QoS-1 messages on a crash), so a crop leaves the store only when the cloud's `CropAck` for its
+id arrives, and a checkout item only when the `CheckoutAck` for its ``event_id`` does.
+
+Checkout items (what a customer is billed for) live in their own table with their own bound, so the crop
+drop policy below never touches them: they are tiny, sent before any crop, never expire by age, and only
+when ``max_items`` are waiting is the oldest one dropped (counted like every other drop). Heartbeats and
+compliance snapshots never come here: they are telemetry, where the latest value wins.
 
 The store is bounded by bytes, count and age. When a new crop does not fit, the explicit drop policy
 removes the lowest priority first and, within a priority, the oldest; a new crop that ranks below
@@ -25,14 +32,23 @@ from typing import Final, Literal
 
 from shelfloop import contract
 
-__all__ = ["DROP_COUNTERS", "DueCrop", "Outbox", "OutboxLimits", "OutboxStats", "PutResult"]
+__all__ = ["DROP_COUNTERS", "DueCrop", "DueItem", "Outbox", "OutboxLimits", "OutboxStats", "PutResult"]
 
 log = logging.getLogger("shelfloop.edge.outbox")
 
-DROP_COUNTERS: Final = ("dropped_capacity", "dropped_expired", "dropped_io_error")
-"""Why a crop never reached the cloud: pushed out by the drop policy, too old, or not writable at all."""
+_CROP_DROP_COUNTERS: Final = ("dropped_capacity", "dropped_expired", "dropped_io_error")
+_ITEM_DROP_COUNTERS: Final = ("items_dropped_capacity", "items_dropped_io_error")
+DROP_COUNTERS: Final = (*_CROP_DROP_COUNTERS, *_ITEM_DROP_COUNTERS)
+"""Why a crop or checkout item never reached the cloud: pushed out by a bound, too old (crops only), or
+not writable at all. Their sum is the heartbeat's ``outbox_dropped``."""
 _ACK_COUNTERS: Final = ("acked_stored", "acked_duplicate", "acked_rejected", "acked_unknown")
-_COUNTERS: Final = (*DROP_COUNTERS, *_ACK_COUNTERS, "accepted")
+_ITEM_ACK_COUNTERS: Final = (
+    "items_acked_stored",
+    "items_acked_duplicate",
+    "items_acked_rejected",
+    "items_acked_unknown",
+)
+_COUNTERS: Final = (*DROP_COUNTERS, *_ACK_COUNTERS, *_ITEM_ACK_COUNTERS, "accepted", "items_accepted")
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS crops (
@@ -48,17 +64,32 @@ CREATE TABLE IF NOT EXISTS crops (
 );
 CREATE INDEX IF NOT EXISTS crops_send_order ON crops (priority DESC, seq);
 CREATE INDEX IF NOT EXISTS crops_drop_order ON crops (priority, seq);
+CREATE TABLE IF NOT EXISTS checkout_items (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_sent REAL,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    payload BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
 @dataclass(frozen=True)
 class OutboxLimits:
-    """Bounds of the store; the defaults keep a day of heavy uncertainty on a small SD card."""
+    """Bounds of the store; the defaults keep a day of heavy uncertainty on a small SD card.
+
+    ``max_bytes``, ``max_count`` and ``max_age_s`` bound the crops; ``max_items`` alone bounds the checkout
+    items (weeks of a busy till, a few tens of MB at most, since the contract caps an item's size).
+    """
 
     max_bytes: int = 256 * 1024 * 1024
     max_count: int = 50_000
     max_age_s: float = 7 * 24 * 3600.0
+    max_items: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -81,20 +112,36 @@ class DueCrop:
 
 
 @dataclass(frozen=True)
+class DueItem:
+    """A checkout item ready to be (re)published, with the exact bytes the cloud deduplicates on."""
+
+    event_id: str
+    attempts: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class OutboxStats:
-    """The outbox as the heartbeat reports it."""
+    """The outbox as the heartbeat reports it: ``depth``, ``bytes`` and ``dropped`` cover crops and
+    checkout items together (``items`` of the depth are checkout items)."""
 
     depth: int
     bytes: int
     dropped: int
     counters: dict[str, int] = field(default_factory=dict)
     faults: tuple[str, ...] = ()
+    items: int = 0
+
+    @property
+    def crops(self) -> int:
+        return self.depth - self.items
 
 
 class Outbox:
-    """A bounded, crash-safe store of encoded `UncertainCrop` payloads, keyed by ``crop_id``.
+    """A bounded, crash-safe store of encoded `UncertainCrop` payloads, keyed by ``crop_id``, and of
+    encoded `CheckoutItem` payloads, keyed by ``event_id``.
 
-    Thread-safe: the agent loop puts crops while the MQTT network thread records acks.
+    Thread-safe: the agent loop puts crops and items while the MQTT network thread records acks.
     """
 
     def __init__(
@@ -110,6 +157,7 @@ class Outbox:
         self._lock = threading.RLock()
         self._faults: list[str] = []
         self._io_errors = 0  # drops that could not be persisted (the disk refused the write)
+        self._item_io_errors = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._conn = self._open()
@@ -127,6 +175,9 @@ class Outbox:
             )
         self._count, self._bytes = self._conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM crops"
+        ).fetchone()
+        self._items, self._item_bytes = self._conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM checkout_items"
         ).fetchone()
 
     def _open(self) -> sqlite3.Connection:
@@ -259,6 +310,102 @@ class Outbox:
             self._count, self._bytes = self._conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM crops"
             ).fetchone()
+            self._items, self._item_bytes = self._conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM checkout_items"
+            ).fetchone()
+
+    # -- checkout items -------------------------------------------------------------------------------
+
+    def put_item(self, item: contract.CheckoutItem) -> PutResult:
+        """Encode (and so validate) a checkout item and store it before anything is sent.
+
+        Returns only when it is on disk, or refused (``io_error``, counted, a fault). At ``max_items`` the
+        oldest waiting item is dropped for it and counted: a stuck backlog must not stop today's items.
+        """
+        event_id, payload = item.event_id, contract.encode(item)
+        with self._lock:
+            try:
+                with self._tx():
+                    if self._conn.execute(
+                        "SELECT 1 FROM checkout_items WHERE event_id = ?", (event_id,)
+                    ).fetchone():
+                        return PutResult(False, "duplicate")
+                    over = self._items + 1 - self.limits.max_items
+                    victims = (
+                        self._conn.execute(
+                            "SELECT seq, event_id, size FROM checkout_items ORDER BY seq LIMIT ?", (over,)
+                        ).fetchall()
+                        if over > 0
+                        else []
+                    )
+                    for seq, _victim_id, _size in victims:
+                        self._conn.execute("DELETE FROM checkout_items WHERE seq = ?", (seq,))
+                    if victims:
+                        self._bump("items_dropped_capacity", len(victims))
+                    self._conn.execute(
+                        "INSERT INTO checkout_items (event_id, size, created, payload) VALUES (?, ?, ?, ?)",
+                        (event_id, len(payload), self._clock(), payload),
+                    )
+                    self._bump("items_accepted")
+            except sqlite3.Error as exc:
+                self._recount()
+                self._fault(f"outbox write failed for checkout item {event_id}: {exc}")
+                try:
+                    with self._tx():
+                        self._bump("items_dropped_io_error")
+                except sqlite3.Error:
+                    self._item_io_errors += 1  # the disk refuses even the counter: keep it in memory
+                return PutResult(False, "io_error", (event_id,))
+            self._items += 1 - len(victims)
+            self._item_bytes += len(payload) - sum(v[2] for v in victims)
+            dropped = tuple(v[1] for v in victims)
+            if dropped:
+                log.error("outbox: %d checkout items over max_items dropped (oldest first)", len(dropped))
+            return PutResult(True, "accepted", dropped)
+
+    def due_items(self, limit: int, *, exclude: set[str] | frozenset[str] = frozenset()) -> list[DueItem]:
+        """Checkout items whose next attempt is due, oldest first."""
+        if limit <= 0:
+            return []
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT event_id, attempts, payload FROM checkout_items WHERE next_attempt <= ? "
+                "ORDER BY seq LIMIT ?",
+                (self._clock(), limit + len(exclude)),
+            ).fetchall()
+        return [DueItem(r[0], r[1], r[2]) for r in rows if r[0] not in exclude][:limit]
+
+    def mark_item_sent(self, event_id: str, retry_after_s: float) -> None:
+        """Record a publish of a checkout item and when to try again if no ack has come by then."""
+        self._mark_sent("checkout_items", "event_id", event_id, retry_after_s)
+
+    def ack_item(self, ack: contract.CheckoutAck) -> bool:
+        """Delete the checkout item the cloud acked; idempotent like `ack`."""
+        with self._lock:
+            try:
+                with self._tx():
+                    row = self._conn.execute(
+                        "DELETE FROM checkout_items WHERE event_id = ? RETURNING size", (ack.event_id,)
+                    ).fetchone()
+                    self._bump(f"items_acked_{ack.status}" if row else "items_acked_unknown")
+            except sqlite3.Error as exc:
+                self._fault(f"outbox could not record ack for checkout item {ack.event_id}: {exc}")
+                return False
+            if row:
+                self._items -= 1
+                self._item_bytes -= row[0]
+            return row is not None
+
+    def item_ids(self) -> list[str]:
+        """Event ids of the checkout items still waiting for their ack, oldest first."""
+        with self._lock:
+            return [r[0] for r in self._conn.execute("SELECT event_id FROM checkout_items ORDER BY seq")]
+
+    def items(self) -> list[contract.CheckoutItem]:
+        """The waiting checkout items themselves, oldest first (for tests and the local API)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT payload FROM checkout_items ORDER BY seq").fetchall()
+        return [contract.decode(r[0], expect=contract.CheckoutItem) for r in rows]
 
     # -- sending --------------------------------------------------------------------------------------
 
@@ -277,24 +424,28 @@ class Outbox:
 
     def mark_sent(self, crop_id: str, retry_after_s: float) -> None:
         """Record a publish and when to try again if no ack has come by then."""
+        self._mark_sent("crops", "crop_id", crop_id, retry_after_s)
+
+    def _mark_sent(self, table: str, key: str, value: str, retry_after_s: float) -> None:
         now = self._clock()
         with self._lock:
             try:
                 with self._tx():
                     self._conn.execute(
-                        "UPDATE crops SET attempts = attempts + 1, last_sent = ?, next_attempt = ? "
-                        "WHERE crop_id = ?",
-                        (now, now + retry_after_s, crop_id),
+                        f"UPDATE {table} SET attempts = attempts + 1, last_sent = ?, next_attempt = ? "
+                        f"WHERE {key} = ?",
+                        (now, now + retry_after_s, value),
                     )
             except sqlite3.Error as exc:
                 self._fault(f"outbox could not record a send: {exc}")
 
     def make_all_due(self) -> None:
-        """After a reconnect everything un-acked is resent now (the cloud dedupes on crop_id)."""
+        """After a reconnect everything un-acked is resent now (the cloud dedupes on crop_id / event_id)."""
         with self._lock:
             try:
                 with self._tx():
                     self._conn.execute("UPDATE crops SET next_attempt = 0")
+                    self._conn.execute("UPDATE checkout_items SET next_attempt = 0")
             except sqlite3.Error as exc:
                 self._fault(f"outbox could not reschedule: {exc}")
 
@@ -336,14 +487,17 @@ class Outbox:
         with self._lock:
             values = {str(n): int(v) for n, v in self._conn.execute("SELECT name, value FROM counters")}
         values["dropped_io_error"] = values.get("dropped_io_error", 0) + self._io_errors
+        values["items_dropped_io_error"] = values.get("items_dropped_io_error", 0) + self._item_io_errors
         return values
 
     def stats(self) -> OutboxStats:
         counters = self.counters()
         with self._lock:
-            depth, size = self._count, self._bytes
+            items = self._items
+            depth, size = self._count + items, self._bytes + self._item_bytes
             faults = tuple(self._faults)
-        return OutboxStats(depth, size, sum(counters[n] for n in DROP_COUNTERS), counters, faults)
+        dropped = sum(counters[n] for n in DROP_COUNTERS)
+        return OutboxStats(depth, size, dropped, counters, faults, items)
 
     def take_faults(self) -> list[str]:
         """Faults since the last call (the heartbeat reports each once)."""

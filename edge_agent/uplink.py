@@ -1,16 +1,20 @@
-"""The uplink: publishes the outbox's crops over MQTT v5 and deletes them only on the cloud's `CropAck`.
+"""The uplink: publishes the outbox's checkout items and crops over MQTT v5 and deletes each only on the
+cloud's application-level ack (`CheckoutAck` by ``event_id``, `CropAck` by ``crop_id``).
 
 Why it looks like this:
 
 - QoS 1 on a persistent session (fixed client id per device, ``clean_start=False`` and a session expiry),
   so acks and release pointers published while the device was offline are waiting when it returns.
-- A bounded window of crops awaiting the cloud's ack; a crop without an ack is resent after a timeout
-  that doubles per attempt (capped). The payload bytes and ``crop_id`` are the same on every resend, so
-  the cloud, which dedupes on them, never counts a crop twice.
+- A bounded window of messages awaiting the cloud's ack, checkout items first (tiny, and what customers
+  are billed for), then crops by priority; one without an ack is resent after a timeout that doubles per
+  attempt (capped). The payload bytes and id are the same on every resend, so the cloud, which dedupes on
+  them, never counts an item or a crop twice.
 - After every (re)connect everything un-acked is due again at once: the broker may have lost what it
   PUBACKed (Mosquitto persists by snapshot), and the cloud's ack is the only proof of storage.
-- Nothing here deletes a crop except an ack; a refused login (bad credentials, banned device) is a fault
-  in the heartbeat while the outbox keeps every crop and paho keeps retrying with back-off.
+- Nothing here deletes an item or a crop except an ack; a refused login (bad credentials, banned device)
+  is a fault in the heartbeat while the outbox keeps everything and paho keeps retrying with back-off.
+- Heartbeats and compliance snapshots are telemetry: `publish_message` sends them once, best-effort, and
+  the next one supersedes a lost one.
 - paho re-raises exceptions from callbacks and that would end its network thread, so every callback
   catches and logs; malformed acks are counted and ignored.
 """
@@ -32,6 +36,9 @@ __all__ = ["Uplink", "UplinkConfig", "UplinkStats"]
 log = logging.getLogger("shelfloop.edge.uplink")
 
 ReleaseHandler = Callable[[str, contract.ReleasePointer], None]
+_Key = tuple[str, str]
+"""An outbox entry in flight: (``"checkout_item"`` or ``"crop"``, its event id or crop id)."""
+_ITEM, _CROP = contract.KIND_CHECKOUT_ITEM, contract.KIND_CROP
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ class UplinkConfig:
 
 @dataclass(frozen=True)
 class UplinkStats:
-    """Counters for the heartbeat and for tests."""
+    """Counters for the heartbeat and for tests; ``published``, ``resent`` and ``acks`` count crops."""
 
     connected: bool
     connects: int
@@ -71,6 +78,9 @@ class UplinkStats:
     acks: int
     malformed_acks: int
     in_flight: int
+    items_published: int = 0
+    items_resent: int = 0
+    item_acks: int = 0
 
 
 class Uplink:
@@ -86,15 +96,20 @@ class Uplink:
         self.outbox = outbox
         self.on_release = on_release
         self.crop_topic = contract.uplink_topic(config.store_id, config.device_id, contract.KIND_CROP)
+        self.item_topic = contract.uplink_topic(
+            config.store_id, config.device_id, contract.KIND_CHECKOUT_ITEM
+        )
         self.ack_topic = contract.ack_topic(config.store_id, config.device_id)
+        self.checkout_ack_topic = contract.checkout_ack_topic(config.store_id, config.device_id)
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
-        self._in_flight: dict[str, float] = {}  # crop_id -> monotonic deadline for its ack
+        self._in_flight: dict[_Key, float] = {}  # (kind, id) -> monotonic deadline for its ack
         self._faults: list[str] = []
         self._last_fault = ""
         self._connects = self._published = self._resent = self._acks = self._malformed = 0
+        self._items_published = self._items_resent = self._item_acks = 0
         self._thread: threading.Thread | None = None
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=config.mqtt_client_id, protocol=mqtt.MQTTv5
@@ -110,7 +125,7 @@ class Uplink:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
-        self._mids: dict[int, str] = {}  # MQTT message id -> crop id, to name a crop the broker refuses
+        self._mids: dict[int, _Key] = {}  # MQTT message id -> (kind, id), to name what the broker refuses
         self._success = mqtt.MQTT_ERR_SUCCESS
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -153,7 +168,7 @@ class Uplink:
         return self.connected.wait(timeout)
 
     def wait_drained(self, timeout: float) -> bool:
-        """Wait until every crop in the outbox was acked by the cloud."""
+        """Wait until every checkout item and crop in the outbox was acked by the cloud."""
         deadline = time.monotonic() + timeout
         while self.outbox.stats().depth > 0:
             if time.monotonic() >= deadline:
@@ -179,36 +194,59 @@ class Uplink:
     def _pump_once(self) -> None:
         now = time.monotonic()
         with self._lock:
-            for crop_id in [c for c, deadline in self._in_flight.items() if deadline <= now]:
-                del self._in_flight[crop_id]
+            for key in [k for k, deadline in self._in_flight.items() if deadline <= now]:
+                del self._in_flight[key]
             free = self.config.max_inflight - len(self._in_flight)
-            busy = set(self._in_flight)
-        for crop in self.outbox.due(free, exclude=busy):
-            if self._stop.is_set() or not self.connected.is_set():
+            busy_items = {i for kind, i in self._in_flight if kind == _ITEM}
+            busy_crops = {i for kind, i in self._in_flight if kind == _CROP}
+        # Checkout items first: a crop backlog (or its drop policy) must never hold a billed item back.
+        items = self.outbox.due_items(free, exclude=busy_items)
+        for item in items:
+            if not self._send((_ITEM, item.event_id), item.payload, item.attempts, now):
                 return
-            info = self.client.publish(self.crop_topic, crop.payload, qos=1, properties=self._props())
-            if info.rc != self._success:
-                log.info(
-                    "uplink: publish of %s not accepted (rc %s); retry after reconnect", crop.crop_id, info.rc
-                )
+        for crop in self.outbox.due(free - len(items), exclude=busy_crops):
+            if not self._send((_CROP, crop.crop_id), crop.payload, crop.attempts, now):
                 return
-            with self._lock:
-                self._mids[info.mid] = crop.crop_id
-                if len(self._mids) > 10_000:  # PUBACKs lost with a connection never come: bound the map
-                    del self._mids[next(iter(self._mids))]
-            retry = min(self.config.max_backoff_s, self.config.ack_timeout_s * 2**crop.attempts)
-            self.outbox.mark_sent(crop.crop_id, retry)
-            with self._lock:
-                self._in_flight[crop.crop_id] = now + retry
-                self._published += 1
-                self._resent += crop.attempts > 0
-            if crop.attempts:
-                log.info("uplink: resent crop %s (attempt %d)", crop.crop_id, crop.attempts + 1)
 
-    def publish_message(
-        self, msg: contract.Heartbeat | contract.ComplianceSnapshot | contract.CheckoutItem
-    ) -> bool:
-        """Best-effort QoS-1 publish of a non-crop uplink; False when offline or refused by the contract."""
+    def _send(self, key: _Key, payload: bytes, attempts: int, now: float) -> bool:
+        """Publish one outbox entry and schedule its resend; False when the client cannot take it now."""
+        if self._stop.is_set() or not self.connected.is_set():
+            return False
+        kind, ident = key
+        topic = self.item_topic if kind == _ITEM else self.crop_topic
+        info = self.client.publish(topic, payload, qos=1, properties=self._props())
+        if info.rc != self._success:
+            log.info(
+                "uplink: publish of %s %s not accepted (rc %s); retry after reconnect", kind, ident, info.rc
+            )
+            return False
+        with self._lock:
+            self._mids[info.mid] = key
+            if len(self._mids) > 10_000:  # PUBACKs lost with a connection never come: bound the map
+                del self._mids[next(iter(self._mids))]
+        retry = min(self.config.max_backoff_s, self.config.ack_timeout_s * 2**attempts)
+        if kind == _ITEM:
+            self.outbox.mark_item_sent(ident, retry)
+        else:
+            self.outbox.mark_sent(ident, retry)
+        with self._lock:
+            self._in_flight[key] = now + retry
+            if kind == _ITEM:
+                self._items_published += 1
+                self._items_resent += attempts > 0
+            else:
+                self._published += 1
+                self._resent += attempts > 0
+        if attempts:
+            log.info("uplink: resent %s %s (attempt %d)", kind, ident, attempts + 1)
+        return True
+
+    def publish_message(self, msg: contract.Heartbeat | contract.ComplianceSnapshot) -> bool:
+        """Best-effort QoS-1 publish of telemetry; False when offline or refused by the contract.
+
+        Heartbeats and compliance snapshots are not stored: the latest one wins and a lost one is replaced
+        by the next. Checkout items never come here; they go through the outbox (`Outbox.put_item`).
+        """
         if not self.connected.is_set():
             return False
         try:
@@ -228,7 +266,7 @@ class Uplink:
         return props
 
     def kick(self) -> None:
-        """A new crop is in the outbox: send now rather than at the next poll."""
+        """A new crop or checkout item is in the outbox: send now rather than at the next poll."""
         self._wake.set()
 
     # -- paho callbacks (network thread) --------------------------------------------------------------
@@ -262,11 +300,12 @@ class Uplink:
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, rc: Any, _props: Any) -> None:
         """A v5 PUBACK with a failure code (0x87 not authorised, 0x95 too large) is a fault to report;
-        the crop stays in the outbox (an ACL fixed later lets it through)."""
+        the crop or item stays in the outbox (an ACL fixed later lets it through)."""
         with self._lock:
-            crop_id = self._mids.pop(mid, None)
-        if crop_id is not None and getattr(rc, "is_failure", False):
-            self._fault(f"broker refused crop publishes: {rc} (e.g. crop {crop_id})")
+            key = self._mids.pop(mid, None)
+        if key is not None and getattr(rc, "is_failure", False):
+            kind, ident = key
+            self._fault(f"broker refused {kind} publishes: {rc} (e.g. {kind} {ident})")
 
     def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, rc: Any, _props: Any) -> None:
         self.connected.clear()
@@ -277,6 +316,8 @@ class Uplink:
         try:
             if msg.topic == self.ack_topic:
                 self._handle_ack(msg.payload)
+            elif msg.topic == self.checkout_ack_topic:
+                self._handle_item_ack(msg.payload)
             elif "/release/" in msg.topic:
                 self._handle_release(msg.topic, msg.payload)
         except Exception:
@@ -292,12 +333,30 @@ class Uplink:
             return
         deleted = self.outbox.ack(ack)
         with self._lock:
-            self._in_flight.pop(ack.crop_id, None)
+            self._in_flight.pop((_CROP, ack.crop_id), None)
             self._acks += 1
         if ack.status == "rejected":
             log.warning("cloud rejected crop %s: %s", ack.crop_id, ack.reason)
         elif not deleted:
             log.debug("uplink: ack for %s which is no longer in the outbox", ack.crop_id)
+        self._wake.set()
+
+    def _handle_item_ack(self, payload: bytes) -> None:
+        try:
+            ack = contract.decode(payload, expect=contract.CheckoutAck)
+        except contract.ContractError as exc:
+            with self._lock:
+                self._malformed += 1
+            log.warning("uplink: ignored malformed checkout ack (%s)", exc)
+            return
+        deleted = self.outbox.ack_item(ack)
+        with self._lock:
+            self._in_flight.pop((_ITEM, ack.event_id), None)
+            self._item_acks += 1
+        if ack.status == "rejected":
+            log.warning("cloud rejected checkout item %s: %s", ack.event_id, ack.reason)
+        elif not deleted:
+            log.debug("uplink: ack for checkout item %s which is no longer in the outbox", ack.event_id)
         self._wake.set()
 
     def _handle_release(self, topic: str, payload: bytes) -> None:
@@ -337,4 +396,7 @@ class Uplink:
                 acks=self._acks,
                 malformed_acks=self._malformed,
                 in_flight=len(self._in_flight),
+                items_published=self._items_published,
+                items_resent=self._items_resent,
+                item_acks=self._item_acks,
             )

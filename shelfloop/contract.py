@@ -38,6 +38,7 @@ __all__ = [
     "DETECTION_STATUSES",
     "FLEET",
     "INGEST_SHARED_SUBSCRIPTION",
+    "KIND_CHECKOUT_ACK",
     "KIND_CHECKOUT_ITEM",
     "KIND_COMPLIANCE_SNAPSHOT",
     "KIND_CROP",
@@ -56,6 +57,7 @@ __all__ = [
     "AckStatus",
     "Artifact",
     "BoundingBox",
+    "CheckoutAck",
     "CheckoutItem",
     "CheckoutStatus",
     "ComplianceSnapshot",
@@ -83,6 +85,7 @@ __all__ = [
     "UnsupportedSchemaVersion",
     "ack_topic",
     "check_topic_matches",
+    "checkout_ack_topic",
     "cloud_acl",
     "decode",
     "device_acl",
@@ -119,6 +122,7 @@ KIND_HEARTBEAT: Final = "heartbeat"
 KIND_COMPLIANCE_SNAPSHOT: Final = "compliance_snapshot"
 KIND_CHECKOUT_ITEM: Final = "checkout_item"
 KIND_RELEASE_POINTER: Final = "release_pointer"
+KIND_CHECKOUT_ACK: Final = "checkout_ack"
 
 SCHEMA_VERSION: Final[Mapping[str, int]] = MappingProxyType(
     {
@@ -128,6 +132,7 @@ SCHEMA_VERSION: Final[Mapping[str, int]] = MappingProxyType(
         KIND_COMPLIANCE_SNAPSHOT: 1,
         KIND_CHECKOUT_ITEM: 1,
         KIND_RELEASE_POINTER: 1,
+        KIND_CHECKOUT_ACK: 1,
     }
 )
 """The schema version this code speaks, per kind. Bumped per kind, so one message can evolve alone."""
@@ -418,6 +423,28 @@ class CropAck(_Message, kw_only=True, tag=KIND_CROP_ACK):
             raise ValueError("`object_key` is required when status is 'stored'")
 
 
+class CheckoutAck(_Message, kw_only=True, tag=KIND_CHECKOUT_ACK):
+    """The cloud's answer to one checkout item, sent only after its row is committed; after it the device
+    deletes the item from its outbox.
+
+    A message of its own (not a `CropAck` with another id) because an ``event_id`` is an `Identifier`, not
+    a `CropId`, and so that devices that predate it, which decode every ``down/ack`` payload as a
+    `CropAck`, keep working: it travels on its own topic (`checkout_ack_topic`). ``stored``: new row.
+    ``duplicate``: the row was already there (a resend). ``rejected``: dead-lettered (``reason`` says
+    why); the device must not resend it.
+    """
+
+    event_id: Identifier
+    status: AckStatus
+    reason: ShortText | None
+    acked_at: Timestamp
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.status == "rejected" and self.reason is None:
+            raise ValueError("`reason` is required when status is 'rejected'")
+
+
 StageName: TypeAlias = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
 
 
@@ -533,7 +560,9 @@ class ReleasePointer(_Message, kw_only=True, tag=KIND_RELEASE_POINTER):
             raise ValueError(f"`signature` must decode to {_SIGNATURE_BYTES} bytes (ed25519), got {len(raw)}")
 
 
-Message: TypeAlias = UncertainCrop | CropAck | Heartbeat | ComplianceSnapshot | CheckoutItem | ReleasePointer
+Message: TypeAlias = (
+    UncertainCrop | CropAck | Heartbeat | ComplianceSnapshot | CheckoutItem | ReleasePointer | CheckoutAck
+)
 """Any top-level message."""
 
 _MESSAGE_CLASSES: Final[tuple[type[_Message], ...]] = (
@@ -543,6 +572,7 @@ _MESSAGE_CLASSES: Final[tuple[type[_Message], ...]] = (
     ComplianceSnapshot,
     CheckoutItem,
     ReleasePointer,
+    CheckoutAck,
 )
 for _cls in _MESSAGE_CLASSES:
     _cls.kind = str(_cls.__struct_config__.tag)
@@ -793,7 +823,7 @@ UPLINK_CHANNELS: Final[Mapping[str, str]] = MappingProxyType(
 """Kind -> uplink channel (the last topic level of ``.../up/{channel}``)."""
 _UPLINK_KINDS: Final[Mapping[str, str]] = MappingProxyType({v: k for k, v in UPLINK_CHANNELS.items()})
 _DOWNLINK_KINDS: Final[Mapping[str, str]] = MappingProxyType(
-    {"ack": KIND_CROP_ACK, "release": KIND_RELEASE_POINTER}
+    {"ack": KIND_CROP_ACK, "checkout_ack": KIND_CHECKOUT_ACK, "release": KIND_RELEASE_POINTER}
 )
 
 INGEST_SHARED_SUBSCRIPTION: Final = f"$share/ingest/{TOPIC_PREFIX}/+/+/up/#"
@@ -864,6 +894,15 @@ def ack_topic(store_id: str, device_id: str) -> str:
     return f"{TOPIC_PREFIX}/{_store_level(store_id)}/{_id_level('device_id', device_id)}/down/ack"
 
 
+def checkout_ack_topic(store_id: str, device_id: str) -> str:
+    """Cloud -> device topic for checkout-item acks: ``shelfloop/v1/{store}/{device}/down/checkout_ack``.
+
+    Next to (not on) the crop ack topic, so one topic still carries one kind; the device ACL's ``down/#``
+    already covers it.
+    """
+    return f"{TOPIC_PREFIX}/{_store_level(store_id)}/{_id_level('device_id', device_id)}/down/checkout_ack"
+
+
 def release_topic(artifact: str, store_id: str | None = None, device_id: str | None = None) -> str:
     """Topic of a retained release pointer, at one of three scopes.
 
@@ -907,8 +946,8 @@ def parse_topic(topic: str) -> TopicInfo:
             if channel not in _UPLINK_KINDS:
                 raise InvalidTopic(f"{topic!r}: unknown uplink channel {channel!r}")
             return TopicInfo(_store_level(store), _id_level("device_id", device), "up", channel)
-        case [store, device, "down", "ack"]:
-            return TopicInfo(_store_level(store), _id_level("device_id", device), "down", "ack")
+        case [store, device, "down", ("ack" | "checkout_ack") as channel]:
+            return TopicInfo(_store_level(store), _id_level("device_id", device), "down", channel)
         case [store, device, "down", "release", artifact]:
             store_id = _store_level(store)
             return TopicInfo(

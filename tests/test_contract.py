@@ -210,6 +210,17 @@ def checkout(**changes: Any) -> c.CheckoutItem:
     return c.CheckoutItem(**fields)
 
 
+def checkout_ack(**changes: Any) -> c.CheckoutAck:
+    fields: dict[str, Any] = {
+        "event_id": "evt-1",
+        "status": "stored",
+        "reason": None,
+        "acked_at": T0 + timedelta(seconds=2),
+    }
+    fields.update(changes)
+    return c.CheckoutAck(**fields)
+
+
 def release(**changes: Any) -> c.ReleasePointer:
     fields: dict[str, Any] = {
         "artifact": "model",
@@ -239,6 +250,9 @@ SAMPLES: dict[str, c.Message] = {
     "compliance_snapshot_no_image": snapshot(image_jpeg=None, slots=[], unplanned=[]),
     "checkout_item": checkout(),
     "checkout_item_unresolved": checkout(status="unresolved", sku_id=None, candidates=[], reason="low votes"),
+    "checkout_ack": checkout_ack(),
+    "checkout_ack_duplicate": checkout_ack(event_id="a.b-c_1", status="duplicate"),
+    "checkout_ack_rejected": checkout_ack(status="rejected", reason="topic_mismatch"),
     "release_pointer": release(),
     "release_pointer_gallery": release(
         artifact="gallery", min_agent_version="0.2.0", url="s3://bucket/g.faiss"
@@ -643,6 +657,27 @@ def test_non_bytes_payload_is_malformed() -> None:
     assert isinstance(err, c.MalformedMessage)
 
 
+def test_crop_acks_are_unchanged_by_the_checkout_ack() -> None:
+    """Backwards compatibility: a crop ack has exactly the fields it always had, so devices that predate
+    `CheckoutAck` (strict decoders) keep reading crop acks, and they never see a checkout ack on their
+    ``down/ack`` topic."""
+    assert set(msgspec.msgpack.decode(c.encode(ack()))) == {
+        "kind",
+        "schema_version",
+        "crop_id",
+        "status",
+        "reason",
+        "object_key",
+        "acked_at",
+    }
+    assert c.SCHEMA_VERSION["crop_ack"] == 1
+    assert c.checkout_ack_topic("s1", "d1") != c.ack_topic("s1", "d1")
+    err = decode_error(c.encode(checkout_ack()), expect=c.CropAck)
+    assert isinstance(err, c.MalformedMessage) and "checkout_ack" in err.detail
+    # A crop id is not always an event id and back: the two acks cannot share one id field.
+    assert decode_error(raw_payload(ack(), crop_id="evt.1")).reason == "malformed"
+
+
 def test_expect_restricts_the_message_class() -> None:
     payload = c.encode(ack())
     assert isinstance(c.decode(payload, expect=c.CropAck), c.CropAck)
@@ -845,6 +880,9 @@ def test_fleet_is_not_a_store_id() -> None:
         (crop, {"reasons": ["novelty", "novelty"]}),
         (ack, {"status": "rejected", "reason": None}),
         (ack, {"status": "stored", "object_key": None}),
+        (checkout_ack, {"status": "rejected", "reason": None}),
+        (checkout_ack, {"event_id": "a/b"}),  # an event id is a topic-safe Identifier
+        (checkout_ack, {"status": "received"}),
         (heartbeat, {"stage_latency": {"infer": {"p50_ms": 5.0, "p95_ms": 1.0, "count": 1}}}),
         (heartbeat, {"stage_latency": {"Bad Key": {"p50_ms": 1.0, "p95_ms": 1.0, "count": 1}}}),
         (heartbeat, {"outbox_depth": -1}),
@@ -893,6 +931,7 @@ def test_topic_builders() -> None:
     assert c.uplink_topic("s1", "d1", "compliance_snapshot") == "shelfloop/v1/s1/d1/up/compliance"
     assert c.uplink_topic("s1", "d1", "checkout_item") == "shelfloop/v1/s1/d1/up/checkout"
     assert c.ack_topic("s1", "d1") == "shelfloop/v1/s1/d1/down/ack"
+    assert c.checkout_ack_topic("s1", "d1") == "shelfloop/v1/s1/d1/down/checkout_ack"
     assert c.release_topic("model") == "shelfloop/v1/_fleet/release/model"
     assert c.release_topic("gallery", store_id="s1") == "shelfloop/v1/s1/release/gallery"
     assert c.release_topic("model", store_id="s1", device_id="d1") == "shelfloop/v1/s1/d1/down/release/model"
@@ -926,6 +965,12 @@ ALL_TOPICS = [
         "device",
     ),
     (c.ack_topic("s1", "d1"), c.TopicInfo("s1", "d1", "down", "ack"), "crop_ack", "device"),
+    (
+        c.checkout_ack_topic("s1", "d1"),
+        c.TopicInfo("s1", "d1", "down", "checkout_ack"),
+        "checkout_ack",
+        "device",
+    ),
     (
         c.release_topic("model", "s1", "d1"),
         c.TopicInfo("s1", "d1", "down", "release", "model"),
@@ -983,6 +1028,8 @@ def test_property_uplink_topic_round_trip(store: str, device: str, kind: str) ->
         "shelfloop/v1/s1/d1/up/#",
         "shelfloop/v1/_fleet/d1/up/crop",
         "shelfloop/v1/_fleet/d1/down/ack",
+        "shelfloop/v1/_fleet/d1/down/checkout_ack",
+        "shelfloop/v1/s1/d1/down/ack/checkout",
         "shelfloop/v1/../d1/up/crop",
         "shelfloop/v1/s1/d1/sideways/crop",
         "$SYS/broker/uptime",
@@ -1003,6 +1050,8 @@ def test_topic_builders_reject_bad_identifiers(bad: str) -> None:
         c.uplink_topic("s1", bad, "crop")
     with pytest.raises(c.InvalidTopic):
         c.ack_topic("s1", bad)
+    with pytest.raises(c.InvalidTopic):
+        c.checkout_ack_topic(bad, "d1")
     with pytest.raises(c.InvalidTopic):
         c.release_topic("model", store_id=bad)
     with pytest.raises(c.InvalidTopic):
@@ -1031,6 +1080,7 @@ def test_check_topic_matches_accepts_the_right_topics() -> None:
         info = c.check_topic_matches(c.uplink_topic_for(msg), msg)
         assert (info.store_id, info.device_id) == (msg.store_id, msg.device_id)
     c.check_topic_matches(c.ack_topic("store-001", "edge-01"), ack())
+    c.check_topic_matches(c.checkout_ack_topic("store-001", "till-03"), checkout_ack())
     for topic in [
         c.release_topic("model"),
         c.release_topic("model", "s1"),
@@ -1051,6 +1101,9 @@ def test_check_topic_matches_accepts_the_right_topics() -> None:
         ("shelfloop/v1/store-001/edge-01/down/ack", crop()),
         ("shelfloop/v1/_fleet/release/gallery", release()),  # model pointer on the gallery topic
         ("shelfloop/v1/store-001/edge-01/down/ack", release()),
+        ("shelfloop/v1/store-001/edge-01/down/ack", checkout_ack()),  # one topic carries one kind
+        ("shelfloop/v1/store-001/edge-01/down/checkout_ack", ack()),
+        ("shelfloop/v1/store-001/edge-01/up/checkout", checkout_ack()),
     ],
 )
 def test_check_topic_matches_catches_mismatches(topic: str, msg: c.Message) -> None:
@@ -1071,13 +1124,18 @@ def test_device_subscriptions_cover_exactly_its_downlink() -> None:
     def received(topic: str) -> bool:
         return any(mqtt.topic_matches_sub(sub, topic) for sub in subs)
 
-    for topic in [c.ack_topic("s1", "d1"), *[c.release_topic(a, "s1", "d1") for a in c.ARTIFACTS]]:
+    for topic in [
+        c.ack_topic("s1", "d1"),
+        c.checkout_ack_topic("s1", "d1"),
+        *[c.release_topic(a, "s1", "d1") for a in c.ARTIFACTS],
+    ]:
         assert received(topic)
     for artifact in c.ARTIFACTS:
         assert received(c.release_topic(artifact, "s1")) and received(c.release_topic(artifact))
     for topic in [
         c.ack_topic("s1", "d2"),
         c.ack_topic("s2", "d1"),
+        c.checkout_ack_topic("s1", "d2"),
         c.release_topic("model", "s2"),
         c.release_topic("model", "s1", "d2"),
         c.uplink_topic("s1", "d1", "crop"),
@@ -1120,6 +1178,9 @@ def test_device_acl_allows_only_the_devices_own_topics() -> None:
     assert not allowed(writable, "shelfloop/v1/s1/d1/up")  # "up/#" would also match its parent level
     assert not allowed(writable, "shelfloop/v1/s1/d1/up/crop/extra")
     assert allowed(readable, c.ack_topic("s1", "d1"))
+    assert allowed(readable, c.checkout_ack_topic("s1", "d1"))
+    assert not allowed(writable, c.checkout_ack_topic("s1", "d1"))
+    assert not allowed(readable, c.checkout_ack_topic("s1", "d2"))
     assert not allowed(readable, c.ack_topic("s1", "d2"))
     assert not allowed(readable, c.ack_topic("s2", "d1"))
     for artifact in c.ARTIFACTS:
@@ -1148,7 +1209,12 @@ def test_cloud_acl_reads_uplinks_and_writes_downlinks() -> None:
     assert user == "cloud"
     assert ("read", "shelfloop/v1/+/+/up/#") in rules
     writable = [p for a, p in rules if a == "write"]
-    for topic in [c.ack_topic("s1", "d1"), c.release_topic("model"), c.release_topic("model", "s1", "d1")]:
+    for topic in [
+        c.ack_topic("s1", "d1"),
+        c.checkout_ack_topic("s1", "d1"),
+        c.release_topic("model"),
+        c.release_topic("model", "s1", "d1"),
+    ]:
         assert any(mqtt.topic_matches_sub(p, topic) for p in writable)
     assert not any(mqtt.topic_matches_sub(p, c.uplink_topic("s1", "d1", "crop")) for p in writable)
 

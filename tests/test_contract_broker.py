@@ -413,6 +413,28 @@ def test_acl_stops_a_device_reading_another_devices_downlink(mosquitto: Any, cli
         assert extra.topic == c.ack_topic(STORE, "dev-a"), f"leaked {extra.topic}"
 
 
+def test_checkout_acks_reach_only_their_device_and_only_the_cloud_sends_them(
+    mosquitto: Any, clients: list[Client]
+) -> None:
+    broker = _acl_broker(mosquitto)
+    cloud = Client(broker, "cloud-0", "cloud", "pw-cloud")
+    device_a = Client(broker, "dev-a", "user-a", "pw-a")
+    clients += [cloud, device_a]
+    assert device_a.subscribe(*c.device_subscriptions(STORE, "dev-a")) == [1, 1, 1]
+    # A device cannot ack its own (or anyone's) checkout items: only the cloud writes downlinks.
+    assert device_a.publish(c.checkout_ack_topic(STORE, "dev-a"), b"x") == RC_NOT_AUTHORIZED
+
+    now = c.utc_now()
+    ack_b = c.CheckoutAck(event_id=c.new_id(), status="stored", reason=None, acked_at=now)
+    ack_a = c.CheckoutAck(event_id=c.new_id(), status="duplicate", reason=None, acked_at=now)
+    assert cloud.publish(c.checkout_ack_topic(STORE, "dev-b"), c.encode(ack_b)) in RC_OK
+    assert cloud.publish(c.checkout_ack_topic(STORE, "dev-a"), c.encode(ack_a)) == RC_SUCCESS
+    first = device_a.next_message()
+    assert first.topic == c.checkout_ack_topic(STORE, "dev-a")
+    assert c.decode(first.payload, expect=c.CheckoutAck) == ack_a
+    device_a.assert_no_message()
+
+
 def test_anonymous_clients_are_refused_when_acl_is_on(mosquitto: Any, clients: list[Client]) -> None:
     broker = _acl_broker(mosquitto)
     anonymous = Client(broker, "anon")

@@ -265,8 +265,9 @@ def test_checkout_bills_agreeing_tracks_and_leaves_unknowns_unresolved(outbox: O
     agent = make_agent(outbox, [cam], Pipeline(FakeDetector(scenes), FakeRecognizer(label), "m", "g"))
     while not agent.exhausted:
         agent.step()
-    items = [m for m in agent.published if isinstance(m, c.CheckoutItem)]
-    assert len(items) == 2
+    items = outbox.items()  # durable: the uplink sends them from here and deletes them on the cloud's ack
+    assert len(items) == 2 and items == agent.checkout_items
+    assert not any(isinstance(m, c.CheckoutItem) for m in agent.published)  # never sent best-effort
     resolved = [i for i in items if i.status == "resolved"]
     unresolved = [i for i in items if i.status == "unresolved"]
     assert [i.sku_id for i in resolved] == ["sku-cola"] and resolved[0].votes == 6
@@ -360,7 +361,7 @@ def test_run_stops_on_the_stop_event_and_flushes_open_items(outbox: Outbox) -> N
     timer.start()
     agent.run(stop, heartbeat_s=0.2)
     timer.join()
-    items = [m for m in agent.published if isinstance(m, c.CheckoutItem)]
+    items = outbox.items()
     assert len(items) == 1 and items[0].status == "resolved"  # the item still on the counter was reported
     assert sum(isinstance(m, c.Heartbeat) for m in agent.published) >= 2
 
@@ -410,21 +411,20 @@ def test_a_bounded_soak_run_does_not_grow_memory_or_open_files(outbox: Outbox) -
     assert agent.frames == 3800 and agent.errors == 0
     assert fds1 == fds0
     assert rss0 is not None and rss1 is not None and rss1 - rss0 < 15, (rss0, rss1)
-    assert outbox.stats().depth <= 100  # the day quota bounds what one camera can send
+    assert outbox.stats().crops <= 100  # the day quota bounds what one camera can send
 
 
-def test_checkout_items_wait_for_the_uplink_and_go_out_in_order(outbox: Outbox) -> None:
+def test_checkout_items_are_on_disk_before_any_send_and_wait_there_in_order(tmp_path: Path) -> None:
     image = np.full((64, 64, 3), 50, np.uint8)
     item = np.array([[5, 5, 30, 30]], np.float32)
     none = np.zeros((0, 4), np.float32)
     scenes = ([item] * 3 + [none] * 3) * 3
-    online = [False]
-    sent: list[c.CheckoutItem] = []
+    published: list[Any] = []
+    kicks: list[int] = []
 
     def publish(msg: Any) -> bool:
-        if online[0] and isinstance(msg, c.CheckoutItem):
-            sent.append(msg)
-        return online[0]
+        published.append(msg)
+        return False  # the broker is down the whole time
 
     cam = AgentCamera(
         "till-6",
@@ -432,21 +432,28 @@ def test_checkout_items_wait_for_the_uplink_and_go_out_in_order(outbox: Outbox) 
         MemorySource("till-6", [image] * len(scenes)),
         tracker=IouTracker(TrackerConfig(max_lost_frames=1)),
     )
+    outbox = Outbox(tmp_path / "outbox.db")
     agent = EdgeAgent(
         store_id=STORE,
         device_id=DEV,
         cameras=[cam],
         pipeline=Pipeline(FakeDetector(scenes), FakeRecognizer(lambda *_: ("s", 0.9, 0.0)), "m", "g"),
         outbox=outbox,
-        router=UncertaintyRouter(),
+        router=UncertaintyRouter(),  # confident, agreeing frames: no crops, only the items
         publish=publish,
+        on_crop=lambda: kicks.append(outbox.stats().items),
     )
     while not agent.exhausted:
         agent.step()
-    assert len(agent.checkout_items) == 3 and sent == []  # the broker was down the whole time
-    online[0] = True
-    assert agent.retry_unsent() == 3
-    assert [i.event_id for i in sent] == [i.event_id for i in agent.checkout_items]
+    assert len(agent.checkout_items) == 3
+    assert kicks == [1, 2, 3]  # the uplink is woken only once the item is on disk
+    assert not any(isinstance(m, c.CheckoutItem) for m in published)
+    beat = agent.heartbeat()
+    assert beat.outbox_depth == 3 and beat.outbox_dropped == 0
+    outbox.close()  # what a SIGKILL leaves: the database file
+    with Outbox(tmp_path / "outbox.db") as reopened:
+        assert reopened.items() == agent.checkout_items  # in order, each one waiting for the cloud's ack
+        assert [d.event_id for d in reopened.due_items(10)] == [i.event_id for i in agent.checkout_items]
 
 
 def test_outbox_drops_are_reported_in_the_heartbeat(tmp_path: Path) -> None:

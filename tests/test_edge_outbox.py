@@ -1,9 +1,14 @@
-"""The durable outbox: crops stay until the cloud acks them, bounds hold, drops are counted, I/O errors
-never corrupt the store."""
+"""The durable outbox: crops and checkout items stay until the cloud acks them, bounds hold (and the crop
+bounds never touch checkout items), drops are counted, I/O errors never corrupt the store.
+
+`make_item` and `item_ack` are shared with the other checkout-item tests (uplink, agent, cloud ingest).
+"""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from cloud_api.devsim import make_crop
 from edge_agent.outbox import Outbox, OutboxLimits
@@ -20,6 +25,38 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def make_item(store_id: str = STORE, device_id: str = DEV, **fields: Any) -> c.CheckoutItem:
+    """A valid resolved `CheckoutItem` with a fresh event id; ``fields`` override any value."""
+    now = c.utc_now()
+    values: dict[str, Any] = {
+        "event_id": c.new_id(),
+        "store_id": store_id,
+        "device_id": device_id,
+        "camera_id": "till-1",
+        "basket_id": "basket-1",
+        "track_id": 1,
+        "status": "resolved",
+        "sku_id": "sku-a",
+        "probability": 0.9,
+        "candidates": [c.SkuCandidate(sku_id="sku-a", score=0.9)],
+        "votes": 5,
+        "first_seen": now - timedelta(seconds=2),
+        "last_seen": now,
+        "reason": None,
+    }
+    values.update(fields)
+    return c.CheckoutItem(**values)
+
+
+def item_ack(event_id: str, status: c.AckStatus = "stored") -> c.CheckoutAck:
+    return c.CheckoutAck(
+        event_id=event_id,
+        status=status,
+        reason="bad" if status == "rejected" else None,
+        acked_at=c.utc_now(),
+    )
 
 
 def ack(crop_id: str, status: c.AckStatus = "stored") -> c.CropAck:
@@ -153,3 +190,100 @@ def _big_jpeg() -> bytes:
     from cloud_api.devsim import random_jpeg
 
     return random_jpeg(200, 200, quality=95)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkout items
+
+
+def test_a_checkout_item_stays_until_its_own_ack_and_survives_reopening(tmp_path: Path) -> None:
+    path, clock = tmp_path / "outbox.db", FakeClock()
+    item = make_item()
+    with Outbox(path, clock=clock) as box:
+        assert box.put_item(item).accepted
+        assert box.put_item(item).reason == "duplicate"
+        box.mark_item_sent(item.event_id, retry_after_s=5)
+    with Outbox(path, clock=clock) as box:  # as after a SIGKILL: it was on disk before any send
+        assert box.items() == [item] and box.item_ids() == [item.event_id]
+        assert box.due_items(10) == []  # sent, not acked, its retry not yet due ...
+        box.make_all_due()  # ... until the uplink (re)connects
+        assert [d.event_id for d in box.due_items(10)] == [item.event_id]
+        stats = box.stats()
+        assert (stats.depth, stats.items, stats.crops) == (1, 1, 0) and stats.bytes > 0
+        assert not box.ack(ack(item.event_id))  # a crop ack never deletes an item, even with the same id
+        assert box.item_ids() == [item.event_id]
+        assert box.ack_item(item_ack(item.event_id))
+        assert not box.ack_item(item_ack(item.event_id, "duplicate"))  # repeated ack: harmless
+        assert box.stats().depth == 0 and box.stats().bytes == 0
+    with Outbox(path) as box:
+        counters = box.counters()
+        assert counters["items_accepted"] == 1 and counters["items_acked_stored"] == 1
+        assert counters["items_acked_unknown"] == 1 and counters["accepted"] == 0
+
+
+def test_checkout_items_go_oldest_first_with_back_off_and_all_due_after_a_reconnect(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with Outbox(tmp_path / "o.db", clock=clock) as box:
+        items = [make_item(track_id=k) for k in range(3)]
+        for item in items:
+            box.put_item(item)
+            clock.now += 1
+        assert [d.event_id for d in box.due_items(10)] == [i.event_id for i in items]
+        box.mark_item_sent(items[0].event_id, retry_after_s=30)
+        assert [d.event_id for d in box.due_items(10)] == [items[1].event_id, items[2].event_id]
+        assert [d.event_id for d in box.due_items(10, exclude={items[1].event_id})] == [items[2].event_id]
+        clock.now += 31
+        (first, *_) = box.due_items(1)
+        assert first.event_id == items[0].event_id and first.attempts == 1
+        assert first.payload == c.encode(items[0])  # the exact bytes every time: stable event_id
+        for item in items:
+            box.mark_item_sent(item.event_id, retry_after_s=1000)
+        assert box.due_items(10) == []
+        box.make_all_due()
+        assert len(box.due_items(10)) == 3
+
+
+def test_the_crop_drop_policy_never_touches_checkout_items(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db", OutboxLimits(max_count=2, max_age_s=60)) as box:
+        items = [make_item() for _ in range(5)]
+        for item in items:
+            assert box.put_item(item).accepted
+        for priority in (10, 20, 30, 40):  # pushes crops out; the items stay
+            assert box.put(make_crop(STORE, DEV, priority=priority)).accepted
+        box.limits = OutboxLimits(max_count=2, max_age_s=0)  # and every crop is now too old
+        assert box.expire() == 2
+        assert box.item_ids() == [i.event_id for i in items]
+        stats = box.stats()
+        assert (stats.items, stats.crops) == (5, 0)
+        assert box.counters()["items_dropped_capacity"] == 0
+
+
+def test_checkout_items_have_their_own_bound_and_its_drops_reach_the_heartbeat_count(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path, OutboxLimits(max_items=3)) as box:
+        items = [make_item() for _ in range(5)]
+        results = [box.put_item(item) for item in items]
+        assert all(r.accepted for r in results)
+        assert results[3].dropped == (items[0].event_id,) and results[4].dropped == (items[1].event_id,)
+        assert box.item_ids() == [i.event_id for i in items[2:]]
+        assert box.stats().dropped == 2 and box.stats().items == 3
+    with Outbox(path, OutboxLimits(max_items=3)) as box:
+        assert box.counters()["items_dropped_capacity"] == 2 and box.stats().dropped == 2
+
+
+def test_a_full_disk_refuses_a_checkout_item_with_a_fault_and_a_count(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as box:
+        kept = make_item()
+        assert box.put_item(kept).accepted
+        pages = box._conn.execute("PRAGMA page_count").fetchone()[0]
+        box._conn.execute(f"PRAGMA max_page_count = {pages}")  # what SQLITE_FULL looks like
+        results = []
+        while len(results) < 50 and not any(r.reason == "io_error" for r in results):  # fill the last page
+            results.append(box.put_item(make_item(status="unresolved", sku_id=None, reason="x" * 500)))
+        assert results[-1].reason == "io_error" and results[-1].dropped
+        assert box.integrity_ok() and kept.event_id in box.item_ids()
+        assert box.stats().items == len(box.item_ids()) == len(results)  # the refused one is not counted in
+        assert box.counters()["items_dropped_io_error"] == 1 and box.stats().dropped == 1
+        assert any("checkout item" in f for f in box.take_faults())
+        box._conn.execute("PRAGMA max_page_count = 1073741823")  # space is back: business as usual
+        assert box.put_item(make_item()).accepted
