@@ -24,4 +24,7 @@ def test_bench_reports_ingest_storage_ratio_and_queue_rate(postgres_db: str) -> 
     assert figures["ingest_to_storage_ratio"] == pytest.approx(
         figures["ingest_crops_per_s"] / figures["raw_s3_puts_per_s"], rel=0.01
     )
-    assert figures["queue_ops_per_s"] > 0 and len(result["lines"]) == 3
+    before, after = figures["raw_s3_puts_per_s_before_after"]
+    assert figures["raw_s3_puts_per_s"] == pytest.approx((before + after) / 2, abs=0.1)
+    assert figures["raw_s3_puts_per_s_concurrent"] > 0 and figures["s3_server"] == "moto_server, own process"
+    assert figures["queue_ops_per_s"] > 0 and len(result["lines"]) == 4

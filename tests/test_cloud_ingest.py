@@ -3,7 +3,8 @@
 Done-when checks of issue 5 here: the same crop delivered three times yields one object and one task and
 the acks ``stored, duplicate, duplicate``; a worker SIGKILLed mid-ingest loses and doubles nothing while
 the device re-sends until acked; thousands of malformed payloads are all dead-lettered with reasons and
-the worker still ingests valid crops afterwards.
+the worker still ingests valid crops afterwards. Issue 4 (checkout items): an item is acked with a
+`CheckoutAck` only once its row is committed, and a duplicate delivery is one row and another ack.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ import msgspec
 import pytest
 import sqlalchemy as sa
 import yaml
+from test_edge_outbox import make_item
 
 from cloud_api import models as m
 from cloud_api.db import Database
@@ -97,6 +102,82 @@ def test_same_bytes_under_a_new_crop_id_is_a_duplicate(ingestor: Ingestor) -> No
     b = ingestor.handle(CROP_TOPIC, c.encode(make_crop(STORE, DEV, jpeg=jpeg)))
     assert (a.status, b.status) == ("stored", "duplicate") and a.object_key == b.object_key
     assert count(ingestor.db, m.Crop) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_batch_of_crops_is_one_transaction_with_each_crops_own_outcome(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """What the worker does per batch: first arrivals stored, resends (already stored, or twice in the
+    batch) and the same bytes under another crop id acked as duplicates with the stored key."""
+    url = f"sqlite:///{tmp_path / 'b.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_db")
+    db = Database(url)
+    try:
+        ingestor = Ingestor(db, LocalObjectStore(tmp_path / "o"))
+        old = make_crop(STORE, DEV)
+        assert ingestor.handle(CROP_TOPIC, c.encode(old)).status == "stored"
+        jpeg = random_jpeg()
+        fresh, same_bytes, other = (
+            make_crop(STORE, DEV, jpeg=jpeg),
+            make_crop(STORE, DEV, jpeg=jpeg),
+            make_crop(),
+        )
+        batch = [fresh, old, fresh, same_bytes, other]
+        prepared = [ingestor.prepare(c.uplink_topic_for(x), c.encode(x)) for x in batch]
+        results = ingestor.record_crops([x for x in prepared if x is not None])
+        assert [r.status for r in results] == ["stored", "duplicate", "duplicate", "duplicate", "stored"]
+        assert [r.crop_id for r in results] == [x.crop_id for x in batch]
+        assert results[0].object_key == results[2].object_key == results[3].object_key
+        assert results[1].object_key == f"crops/{STORE}/{DEV}/{hashlib.sha256(old.jpeg).hexdigest()}.jpg"
+        for r in results:
+            assert r.ack is not None and (r.ack.status, r.ack.object_key) == (r.status, r.object_key)
+            assert ingestor.store.get(r.object_key)
+        assert count(db, m.Crop) == 3 and count(db, m.AnnotationTask) == 3
+        assert ingestor.record_crops([]) == []
+        with pytest.raises(c.ContractError):
+            ingestor.prepare(CROP_TOPIC, b"\xc1 not msgpack")
+    finally:
+        db.dispose()
+
+
+def test_full_jpeg_decode_gives_the_same_verdicts_on_many_threads() -> None:
+    """The worker decodes on a pool; the process-wide warnings filters must come out as they went in."""
+    filters = list(warnings.filters)
+    good, bad = random_jpeg(64, 64), corrupt_jpeg()
+
+    def verdict_is_right(i: int) -> bool:
+        data = bad if i % 3 == 0 else good
+        try:
+            full_jpeg_decode(data)
+        except c.InvalidImage:
+            return data is bad
+        return data is good
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(verdict_is_right, range(300)))
+    assert warnings.filters == filters
+
+
+def test_a_warning_while_decoding_rejects_the_jpeg_but_not_another_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from PIL import ImageFile
+
+    load = ImageFile.ImageFile.load
+    other = threading.Thread(target=lambda: warnings.warn("from elsewhere", UserWarning, stacklevel=1))
+
+    def warning_load(self: Any) -> Any:
+        other.start()  # another thread warns meanwhile: shown as usual, no verdict on this JPEG
+        other.join()
+        warnings.warn("Corrupt EXIF data", UserWarning, stacklevel=1)
+        return load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", warning_load)
+    with (
+        pytest.warns(UserWarning, match="from elsewhere"),
+        pytest.raises(c.InvalidImage, match="Corrupt EXIF"),
+    ):
+        full_jpeg_decode(random_jpeg())
 
 
 def _mutated(**fields: Any) -> bytes:
@@ -224,6 +305,53 @@ def test_heartbeats_snapshots_and_checkout_items_are_kept(ingestor: Ingestor) ->
         assert "image_jpeg" not in row.body and row.body["slots"][0]["planned_sku"] == "sku-a"
 
 
+def test_a_checkout_item_is_acked_after_commit_and_a_duplicate_is_one_row_and_an_ack(
+    ingestor: Ingestor,
+) -> None:
+    item = make_item(STORE, DEV)
+    topic, payload = c.uplink_topic_for(item), c.encode(item)
+    first = ingestor.handle(topic, payload)
+    assert count(ingestor.db, m.CheckoutItemRow, m.CheckoutItemRow.event_id == item.event_id) == 1
+    second = ingestor.handle(topic, payload)  # the device resent it: its ack was lost, or late
+    assert (first.status, second.status) == ("stored", "duplicate")
+    for result, status in ((first, "stored"), (second, "duplicate")):
+        assert isinstance(result.ack, c.CheckoutAck) and result.event_id == item.event_id
+        assert (result.ack.event_id, result.ack.status, result.ack.reason) == (item.event_id, status, None)
+        assert result.ack_topic == c.checkout_ack_topic(STORE, DEV)
+        assert c.decode(c.encode(result.ack), expect=c.CheckoutAck) == result.ack
+    assert count(ingestor.db, m.CheckoutItemRow) == 1
+
+
+def _item_payload(**fields: Any) -> bytes:
+    body = msgspec.msgpack.decode(c.encode(make_item(STORE, DEV, event_id="ev.7")))
+    body.update(fields)
+    return msgspec.msgpack.encode(body)
+
+
+ITEM_TOPIC = c.uplink_topic(STORE, DEV, "checkout_item")
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        (ITEM_TOPIC, _item_payload(probability=5.0), "malformed"),
+        (ITEM_TOPIC, _item_payload(schema_version=9), "schema_version"),
+        (ITEM_TOPIC, _item_payload(device_id="dev-2"), "topic_mismatch"),  # speaking for another
+        (CROP_TOPIC, _item_payload(), "topic_mismatch"),
+    ],
+)
+def test_a_rejected_checkout_item_is_dead_lettered_and_gets_a_rejected_checkout_ack(
+    ingestor: Ingestor, topic: str, payload: bytes, reason: str
+) -> None:
+    result = ingestor.handle(topic, payload)
+    assert result.status == "rejected" and result.reason == reason and result.event_id == "ev.7"
+    assert isinstance(result.ack, c.CheckoutAck)
+    assert (result.ack.event_id, result.ack.status, result.ack.reason) == ("ev.7", "rejected", reason)
+    assert result.ack_topic == c.checkout_ack_topic(STORE, DEV)  # to the sender, on its own topic
+    assert count(ingestor.db, m.DeadLetter, m.DeadLetter.reason == reason) == 1
+    assert count(ingestor.db, m.CheckoutItemRow) == 0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Through a real broker
 
@@ -298,6 +426,42 @@ def test_a_device_speaking_for_another_gets_a_rejected_ack(
         count(sqlite_db, m.Crop) == 0
         and count(sqlite_db, m.DeadLetter, m.DeadLetter.reason == "topic_mismatch") == 1
     )
+
+
+@pytest.mark.broker
+def test_the_worker_acks_a_checkout_item_after_its_row_is_committed_and_acks_a_resend_too(
+    mosquitto: Any, sqlite_db: Database, tmp_path: Path
+) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    broker = mosquitto(extra_config=BROKER_CONFIG)
+    item = make_item(STORE, DEV)
+    acks: list[tuple[str, str, int]] = []  # (event id, status, rows for it when the ack arrived)
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        ack = c.decode(msg.payload, expect=c.CheckoutAck)
+        rows = count(sqlite_db, m.CheckoutItemRow, m.CheckoutItemRow.event_id == ack.event_id)
+        acks.append((ack.event_id, ack.status, rows))
+
+    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="till-dev", protocol=mqtt.MQTTv5)
+    device.on_message = on_message
+    device.connect(broker.host, broker.port)
+    device.loop_start()
+    try:
+        device.subscribe(c.checkout_ack_topic(STORE, DEV), qos=1)
+        time.sleep(0.3)
+        with RunningWorker(_worker(broker, sqlite_db, LocalObjectStore(tmp_path / "o"))):
+            for expected in (1, 2):  # the same bytes twice: a resend after a lost ack
+                device.publish(c.uplink_topic_for(item), c.encode(item), qos=1).wait_for_publish(5)
+                deadline = time.monotonic() + 10
+                while len(acks) < expected and time.monotonic() < deadline:
+                    time.sleep(0.05)
+    finally:
+        device.disconnect()
+        device.loop_stop()
+    assert acks == [(item.event_id, "stored", 1), (item.event_id, "duplicate", 1)]
+    assert count(sqlite_db, m.CheckoutItemRow) == 1 and count(sqlite_db, m.DeadLetter) == 0
 
 
 def _fuzz_payloads(n: int, seed: int) -> list[tuple[str, bytes]]:
@@ -472,24 +636,37 @@ def test_a_worker_killed_mid_ingest_loses_and_doubles_nothing(
 
 
 class _Buggy(Ingestor):
-    """Ingest with a bug that one particular crop triggers (a real one cannot be provoked on purpose)."""
+    """Ingest with a bug that one particular crop triggers (a real one cannot be provoked on purpose),
+    either before its object is stored (``prepare``, and `handle` with it) or in the batch's transaction."""
 
     poison: bytes = b""
+    stage: str = "prepare"
 
     def handle(self, topic: str, payload: bytes, *, record_dead_letter: bool = True) -> Any:
-        if payload == self.poison:
+        if self.stage == "prepare" and payload == self.poison:
             raise RuntimeError("bug triggered by this crop")
         return super().handle(topic, payload, record_dead_letter=record_dead_letter)
 
+    def prepare(self, topic: str, payload: bytes) -> Any:
+        if self.stage == "prepare" and payload == self.poison:
+            raise RuntimeError("bug triggered by this crop")
+        return super().prepare(topic, payload)
+
+    def record_crops(self, crops: Any) -> Any:
+        if self.stage == "record" and any(c.encode(x.msg) == self.poison for x in crops):
+            raise RuntimeError("bug triggered by this crop")  # and by the batch it is in
+        return super().record_crops(crops)
+
 
 @pytest.mark.broker
+@pytest.mark.parametrize("stage", ["prepare", "record"])
 def test_a_message_that_keeps_crashing_ingest_is_parked_not_retried_forever(
-    mosquitto: Any, sqlite_db: Database, tmp_path: Path, devices: list[DeviceSim]
+    mosquitto: Any, sqlite_db: Database, tmp_path: Path, devices: list[DeviceSim], stage: str
 ) -> None:
     broker = mosquitto(extra_config=BROKER_CONFIG)
     ingestor = _Buggy(sqlite_db, LocalObjectStore(tmp_path / "o"))
     poison = make_crop(STORE, DEV)
-    ingestor.poison = c.encode(poison)
+    ingestor.poison, ingestor.stage = c.encode(poison), stage
     worker = IngestWorker(
         ingestor, host=broker.host, port=broker.port, client_id="ingest-buggy", max_failures=2
     )
@@ -497,17 +674,78 @@ def test_a_message_that_keeps_crashing_ingest_is_parked_not_retried_forever(
         device = DeviceSim(broker.host, broker.port, STORE, DEV, resend_after_s=30)
         devices.append(device)
         device.wait_connected()
-        fine = make_crop(STORE, DEV)
-        device.send(poison)
-        device.send(fine)
+        fine = [make_crop(STORE, DEV) for _ in range(4)]
+        for crop in (fine[0], poison, *fine[1:]):  # crops batched with the poison are stored all the same
+            device.send(crop)
         assert device.wait_all_acked(20, resend=False)
     assert (
         device.acks[poison.crop_id] == ["rejected"] and device.ack_reasons[poison.crop_id] == "ingest_error"
     )
-    assert device.acks[fine.crop_id] == ["stored"]
+    assert all(device.acks[x.crop_id] == ["stored"] for x in fine)
     with sqlite_db.session() as s:
         dl = s.scalars(sa.select(m.DeadLetter)).one()
         assert dl.reason == "ingest_error" and "bug triggered" in dl.detail and dl.payload == ingestor.poison
+
+
+class _FlakyStore(LocalObjectStore):
+    """Fails the first put of every other object, as an S3 endpoint that drops connections would."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.lock = threading.Lock()
+        self.seen: set[str] = set()
+        self.failures = 0
+
+    def put_content_addressed(self, key: str, data: bytes, content_type: str = "image/jpeg") -> None:
+        with self.lock:
+            fail = key not in self.seen and len(self.seen) % 2 == 0
+            self.seen.add(key)
+            self.failures += fail
+        if fail:
+            raise ConnectionError("S3 endpoint dropped the connection")
+        super().put_content_addressed(key, data, content_type)
+
+
+class _CheckedWorker(IngestWorker):
+    """Checks, as each crop ack is handed to the client, that its object and its committed row exist."""
+
+    violations: list[str]
+
+    def _publish_ack(self, topic: str, ack: Any) -> None:
+        if isinstance(ack, c.CropAck) and ack.status != "rejected":
+            if ack.object_key is None or not self.ingestor.store.exists(ack.object_key):
+                self.violations.append(f"{ack.crop_id}: no object")
+            with self.ingestor.db.session() as s:  # a new transaction sees committed rows only
+                if s.scalar(sa.select(m.Crop.id).where(m.Crop.crop_id == ack.crop_id)) is None:
+                    self.violations.append(f"{ack.crop_id}: no committed row")
+        super()._publish_ack(topic, ack)
+
+
+@pytest.mark.broker
+def test_batched_acks_follow_the_object_and_the_committed_row_even_when_puts_fail(
+    mosquitto: Any, sqlite_db: Database, tmp_path: Path, devices: list[DeviceSim]
+) -> None:
+    broker = mosquitto(extra_config=BROKER_CONFIG)
+    store = _FlakyStore(tmp_path / "o")
+    worker = _CheckedWorker(Ingestor(sqlite_db, store), host=broker.host, port=broker.port, client_id="chk")
+    worker.violations = []
+    batches: list[int] = []
+    record = worker.ingestor.record_crops
+    worker.ingestor.record_crops = lambda crops: (batches.append(len(crops)), record(crops))[1]  # type: ignore[method-assign]
+    with RunningWorker(worker):
+        device = DeviceSim(broker.host, broker.port, STORE, DEV)
+        devices.append(device)
+        device.wait_connected()
+        crops = [make_crop(STORE, DEV) for _ in range(60)]
+        for crop in crops:
+            device.send(crop)
+        device.send(crops[0])  # a resend while the first may still be in flight
+        assert device.wait_all_acked(60, resend=False)
+    assert worker.violations == [] and store.failures > 0
+    assert all(device.acks[x.crop_id][0] == "stored" for x in crops)
+    assert count(sqlite_db, m.Crop) == 60 and count(sqlite_db, m.AnnotationTask) == 60
+    assert sum(batches) >= 60 and max(batches) <= worker.batch_size
+    print(f"{len(batches)} transactions for 61 uplinks, largest batch {max(batches)}")
 
 
 @pytest.mark.postgres
