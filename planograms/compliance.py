@@ -177,6 +177,7 @@ class ComplianceConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     min_match_prob: float = 0.25  # a run is the planned SKU when P(planned SKU) reaches this
     pack_size_sigma: float = 0.15  # log-size tolerance when pack dimensions weigh size variants
+    min_elsewhere_prob: float = 0.5  # an empty slot's SKU found elsewhere (misplaced) needs this much
     min_rebalance_prob: float = 0.02  # a boundary facing may move to the neighbouring block that lacks one
     gap_cost: float = 1.0  # skipping a slot or a product, per (width-leaning) slot unit; a match earns 2
     substitution_score: float = 0.5  # another product standing in a slot's place
@@ -1449,10 +1450,15 @@ def _label(rows: list[_Row], ctx: _Ctx, bay: Bay) -> dict[tuple[int, int], tuple
     for u, (k, si) in enumerate(open_slots):
         s = rows[k].slots[si]
         c = s.x_mm + s.width_mm / 2
+        # A slot whose place stands visibly empty is out of stock unless its SKU is clearly elsewhere: a
+        # look-alike the recognizer half-believes is not enough.
+        stand_in = rows[k].stand_in.get(si)
+        empty_here = stand_in is not None and rows[k].runs[stand_in].gap
+        least = cfg.min_elsewhere_prob if empty_here else cfg.min_match_prob
         for v, (k2, ri) in enumerate(open_runs):
             run = rows[k2].runs[ri]
             p = run.probs.get(s.sku_id, 0.0)
-            if p < cfg.min_match_prob:
+            if p < least:
                 continue
             model = rows[k2].model
             assert model is not None

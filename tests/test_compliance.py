@@ -203,6 +203,16 @@ def test_out_of_stock_is_a_visible_gap_in_the_slots_place():
     assert res.metrics.compliance == pytest.approx(1 - 3 / FACINGS)
 
 
+def test_an_empty_slot_stays_out_of_stock_when_a_look_alike_elsewhere_is_only_half_believed():
+    real = as_planned(BAY)
+    real[0][2] = Gap(slot_width(BAY, 0, 2))
+    real[0].append(("Q", 1))  # an unplanned product at the end of the row that looks a little like C
+    maybe = check_bay(photograph(BAY, real, probs={"Q": [("Q", 0.6), ("C", 0.35)]}), BAY)
+    assert status(maybe)[(0, 2)] == OUT_OF_STOCK
+    surely = check_bay(photograph(BAY, real, probs={"Q": [("C", 0.9), ("Q", 0.1)]}), BAY)
+    assert status(surely)[(0, 2)] == MISPLACED  # C really stands at the end of its row
+
+
 def test_a_missed_product_under_another_product_is_unverified_not_out_of_stock():
     real = as_planned(BAY)
     real[1][1] = (None, 2)  # an unknown product stands (or hangs) where F should be
