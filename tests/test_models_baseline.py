@@ -93,8 +93,9 @@ def test_edge_decode_matches_ultralytics_on_the_same_onnx(bundle, small_world, t
 def test_detector_onnx_matches_pytorch_weights(bundle, small_world, tmp_path):
     """The export against the training framework: Ultralytics on detector.pt vs the edge on detector.onnx,
     both fed the same square letterbox (`rect=False`; Ultralytics' default pads PyTorch inputs only to a
-    multiple of 32, which changes border activations and so low scores). Tolerance: 99 % of confident
-    boxes have a partner with IoU >= 0.98 and confidence within 0.01."""
+    multiple of 32, which changes border activations and so low scores). The bundle stores the detector's
+    weights as int8 (`retrain.compact`), so the tolerance covers that rounding: in every frame 95 % of
+    confident boxes have a partner with IoU >= 0.95 and confidence within 0.03."""
     ultra = _yolo(tmp_path)
     pt = WEIGHTS / "detector.pt"
     if not pt.is_file():
@@ -105,7 +106,7 @@ def test_detector_onnx_matches_pytorch_weights(bundle, small_world, tmp_path):
         img = cv2.imread(str(path))
         ours = bundle.detector(img)
         r = yolo.predict(img, imgsz=size, conf=0.2, iou=0.7, device="cpu", verbose=False, rect=False)[0]
-        assert _match(ours, r.boxes.xyxy.numpy(), r.boxes.conf.numpy(), 0.98, 0.01) >= 0.99
+        assert _match(ours, r.boxes.xyxy.numpy(), r.boxes.conf.numpy(), 0.95, 0.03) >= 0.95
 
 
 def test_recognizer_onnx_matches_pytorch_on_real_images(bundle, small_world):

@@ -1,1 +1,1 @@
-W+TWvJ5OQXZg9fq9RoY4i8IAu4NHodW6xgPtdcOSoCV7jdnZV4L2kCk94u/ODEZ2oLce7/VbkuZdnd2n2ZsGBg==
+hkdew58P4qDVhthYmUQggb4ije2vQlOknTHT6ONpyTmpDsCOtlzxrdkVzUi2nwIhDVJoa7HJaNWIGpYSXxLOBA==
