@@ -290,6 +290,19 @@ class AnnotationTask(Base):
     annotations: Mapped[list[Annotation]] = relationship(back_populates="task", order_by="Annotation.id")
 
 
+sa.Index(
+    "ix_annotation_tasks_claimable",
+    AnnotationTask.is_gold,
+    AnnotationTask.priority.desc(),
+    AnnotationTask.id,
+    # The claim's WHERE and ORDER BY (`cloud_api.queue`): a partial index of the claimable statuses only, so
+    # a claim walks open tasks in queue order and never the done ones, which grow without bound. The claim
+    # repeats this predicate verbatim, with literals: SQLite uses a partial index only then.
+    postgresql_where=AnnotationTask.status.in_(("pending", "leased")),
+    sqlite_where=AnnotationTask.status.in_(("pending", "leased")),
+)
+
+
 class Annotation(Base):
     """One annotator's answer to one task. ``label`` is the normalised answer compared for agreement."""
 

@@ -16,10 +16,12 @@ import sqlalchemy as sa
 from cloud_api import models as m
 from cloud_api.db import Database
 from cloud_api.devsim import crop_row
+from cloud_api.metrics import REGISTRY
 from cloud_api.queue import (
     AnnotationQueue,
     InvalidAnswer,
     LeaseLost,
+    TaskNotFound,
     cohen_kappa,
     enqueue_crop,
     fleiss_kappa,
@@ -228,6 +230,86 @@ def test_new_sku_creates_a_pending_catalogue_entry(db: Database) -> None:
             sa.select(m.CatalogueEvent.action).where(m.CatalogueEvent.sku_id == sku.sku_id)
         ).all()
         assert list(actions) == ["create", "image_add"]
+
+
+def test_new_sku_consensus_creates_the_sku_once_from_the_first_answer(db: Database) -> None:
+    a, b = users(db, "a", "b")
+    (task,) = crops(db, 1, required=2)
+    q = AnnotationQueue(db)
+    first = q.claim(a)
+    assert first is not None
+    assert q.complete(task, first.token, a, "new_sku", details={"name": "First"}).status == "pending"
+    second = q.claim(b)
+    assert second is not None and second.token == first.token + 1
+    result = q.complete(task, second.token, b, "new_sku", details={"name": "Second"})
+    assert (result.status, result.label, result.created_sku) == ("done", "new_sku", f"new-{first.crop_id}")
+    with db.session() as s:
+        assert s.get(m.Sku, result.created_sku).name == "First"
+        done = s.get(m.AnnotationTask, task)
+        assert (done.final_label, done.resolved_by) == (f"sku:{result.created_sku}", b)
+
+
+def test_the_token_decides_and_unknown_tasks_are_not_found(db: Database) -> None:
+    a, b = users(db, "a", "b")
+    (task,) = crops(db, 1)
+    clock = Clock()
+    q = AnnotationQueue(db, lease_s=60, clock=clock)
+    lease = q.claim(a)
+    assert lease is not None
+    clock.advance(61)  # expired, but nobody took it over: the holder can still extend and answer
+    assert q.extend(task, lease.token, a) == clock.now + timedelta(seconds=60)
+    with pytest.raises(LeaseLost):
+        q.extend(task, lease.token, b)
+    with pytest.raises(LeaseLost):
+        q.complete(task, lease.token, b, "sku", "not-in-catalogue")  # the fence is checked first
+    for call in (lambda: q.complete(task + 99, 1, a, "unreadable"), lambda: q.extend(task + 99, 1, a)):
+        with pytest.raises(TaskNotFound):
+            call()
+    result = q.complete(task, lease.token, a, "sku", "sku-a")
+    assert (result.status, result.final_label) == ("done", "sku:sku-a")
+    with db.session() as s:
+        done = s.get(m.AnnotationTask, task)
+        assert (done.leased_by, done.lease_expires_at, done.attempts, done.resolved_by) == (None, None, 0, a)
+        answer = s.scalars(sa.select(m.Annotation).where(m.Annotation.task_id == task)).one()
+        assert (answer.annotator_id, answer.label, answer.lease_token) == (a, "sku:sku-a", lease.token)
+
+
+def test_queue_transitions_are_counted(db: Database) -> None:
+    def events() -> dict[str, float]:
+        names = ("claimed", "completed", "fenced", "expired", "dead", "review")
+        return {
+            e: REGISTRY.get_sample_value("shelfloop_queue_events_total", {"event": e}) or 0 for e in names
+        }
+
+    a, b, c_ = users(db, "a", "b", "c")
+    consensus, doomed = crops(db, 2, priorities=[90, 10], required=2)
+    clock = Clock()
+    q = AnnotationQueue(db, lease_s=10, max_attempts=2, clock=clock)
+    before = events()
+    first = q.claim(a)
+    assert first is not None and first.task_id == consensus
+    clock.advance(11)
+    taken = q.claim(b)  # takes the expired lease over
+    assert taken is not None and taken.task_id == consensus
+    with pytest.raises(LeaseLost):
+        q.complete(consensus, first.token, a, "unreadable")
+    q.complete(consensus, taken.token, b, "sku", "sku-a")
+    again = q.claim(a)
+    assert again is not None and again.task_id == consensus
+    assert q.complete(consensus, again.token, a, "sku", "sku-b").status == "review"
+    for who in (a, b):  # two attempts on the other task, both left to expire
+        assert q.claim(who) is not None
+        clock.advance(11)
+    assert q.claim(c_) is None and status(db, doomed) == "dead"
+    after = events()
+    assert {e: after[e] - before[e] for e in after} == {
+        "claimed": 5,
+        "completed": 2,
+        "fenced": 1,
+        "expired": 2,
+        "dead": 1,
+        "review": 1,
+    }
 
 
 def test_gold_tasks_are_mixed_in_and_score_annotators(db: Database) -> None:
