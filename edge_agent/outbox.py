@@ -382,19 +382,11 @@ class Outbox:
     def ack_item(self, ack: contract.CheckoutAck) -> bool:
         """Delete the checkout item the cloud acked; idempotent like `ack`."""
         with self._lock:
-            try:
-                with self._tx():
-                    row = self._conn.execute(
-                        "DELETE FROM checkout_items WHERE event_id = ? RETURNING size", (ack.event_id,)
-                    ).fetchone()
-                    self._bump(f"items_acked_{ack.status}" if row else "items_acked_unknown")
-            except sqlite3.Error as exc:
-                self._fault(f"outbox could not record ack for checkout item {ack.event_id}: {exc}")
-                return False
-            if row:
+            size = self._delete_acked("checkout_items", "event_id", ack.event_id, "items_acked", ack.status)
+            if size is not None:
                 self._items -= 1
-                self._item_bytes -= row[0]
-            return row is not None
+                self._item_bytes -= size
+            return size is not None
 
     def item_ids(self) -> list[str]:
         """Event ids of the checkout items still waiting for their ack, oldest first."""
@@ -452,19 +444,25 @@ class Outbox:
     def ack(self, ack: contract.CropAck) -> bool:
         """Delete the crop the cloud acked; idempotent (a repeated or unknown ack is counted, no error)."""
         with self._lock:
-            try:
-                with self._tx():
-                    row = self._conn.execute(
-                        "DELETE FROM crops WHERE crop_id = ? RETURNING size", (ack.crop_id,)
-                    ).fetchone()
-                    self._bump(f"acked_{ack.status}" if row else "acked_unknown")
-            except sqlite3.Error as exc:
-                self._fault(f"outbox could not record ack for {ack.crop_id}: {exc}")
-                return False
-            if row:
+            size = self._delete_acked("crops", "crop_id", ack.crop_id, "acked", ack.status)
+            if size is not None:
                 self._count -= 1
-                self._bytes -= row[0]
-            return row is not None
+                self._bytes -= size
+            return size is not None
+
+    def _delete_acked(self, table: str, key: str, value: str, counter: str, status: str) -> int | None:
+        """Delete one acked row and count the ack (`<counter>_<status>`, or `_unknown` for no row); the
+        deleted row's size, None when there was none or the store failed (a fault). Caller holds the lock."""
+        try:
+            with self._tx():
+                row = self._conn.execute(
+                    f"DELETE FROM {table} WHERE {key} = ? RETURNING size", (value,)
+                ).fetchone()
+                self._bump(f"{counter}_{status}" if row else f"{counter}_unknown")
+        except sqlite3.Error as exc:
+            self._fault(f"outbox could not record ack for {table} {value}: {exc}")
+            return None
+        return row[0] if row else None
 
     # -- reading --------------------------------------------------------------------------------------
 
