@@ -131,6 +131,9 @@ class ProductDetector:
         hgt, wid = image_shape[:2]
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, wid)
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, hgt)
+        # A box wholly in the letterbox padding clips to nothing: no crop, no facing.
+        seen = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+        boxes, scores = boxes[seen], scores[seen]
         return Detections(boxes.astype(np.float32), scores.astype(np.float32))
 
     def __call__(self, image: np.ndarray) -> Detections:

@@ -40,6 +40,7 @@ def fake_detector_onnx(tmp_path_factory) -> Path:
     anchors[0, :, 1] = [21, 20, 10, 10, 0.8]  # overlaps anchor 0 -> suppressed
     anchors[0, :, 2] = [45, 40, 12, 20, 0.7]
     anchors[0, :, 3] = [10, 50, 8, 8, 0.1]  # under the confidence threshold
+    anchors[0, :, 4] = [30, 6, 10, 8, 0.6]  # wholly inside the letterbox padding of a wide frame
     const = helper.make_tensor("boxes", TensorProto.FLOAT, anchors.shape, anchors.ravel())
     x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])
     y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 5, 6])
@@ -111,7 +112,7 @@ def test_detector_decodes_suppresses_and_rescales(fake_detector_onnx):
     det = ProductDetector(create_backend("onnxruntime", fake_detector_onnx), conf_threshold=0.25)
     frame = np.full((128, 256, 3), 90, np.uint8)  # letterboxed by 1/4 with 16 px of padding top and bottom
     out = det(frame)
-    assert len(out) == 2
+    assert len(out) == 2  # the box in the padding clips to nothing and is dropped, not handed on empty
     assert out.confidence.tolist() == pytest.approx([0.9, 0.7])
     # anchor 0: (15..25, 15..25) in input px -> minus pad y 16, times 4
     assert out.xyxy[0].tolist() == pytest.approx([60, 0, 100, 36])
