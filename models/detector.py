@@ -18,6 +18,10 @@ from models.errors import BadImage, ModelError
 PAD_VALUE = 114
 
 
+MIN_BOX_PX = 2
+"""Narrower or lower boxes, after clipping to the frame, are dropped: the recognizer cannot crop them."""
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """JPEG/PNG bytes to a BGR image; a clear error for empty or corrupt data."""
     if not data:
@@ -131,8 +135,8 @@ class ProductDetector:
         hgt, wid = image_shape[:2]
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, wid)
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, hgt)
-        # A box wholly in the letterbox padding clips to nothing: no crop, no facing.
-        seen = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+        # A box (nearly) wholly in the letterbox padding clips to a sliver: no crop, no facing.
+        seen = (boxes[:, 2] - boxes[:, 0] >= MIN_BOX_PX) & (boxes[:, 3] - boxes[:, 1] >= MIN_BOX_PX)
         boxes, scores = boxes[seen], scores[seen]
         return Detections(boxes.astype(np.float32), scores.astype(np.float32))
 
