@@ -1251,6 +1251,9 @@ def check_bay(
         if obs.shelf_lines is not None and len(obs.shelf_lines)
         else _cluster_rows(obs.xyxy)
     )
+    parts = _fragments(obs, ctx)
+    if parts:  # a part of a facing is neither a facing of its own nor a detection to report
+        groups = [(kept, y) for idx, y in groups if (kept := [i for i in idx if i not in parts])]
     v_scale = _map_rows(groups, rows, ctx, bay, img_h)
     n_fitted = _register(rows, groups, ctx, bay, v_scale)
     if n_fitted == 0:
@@ -1416,6 +1419,43 @@ def _best_other_bay(
         if in_place >= own + 0.2 and (best is None or in_place > best[0]):
             best = (in_place, other.bay_id)
     return best[1] if best else None
+
+
+def _fragments(obs: ShelfObservation, ctx: _Ctx) -> dict[int, int]:
+    """Boxes that cover only part of another box's facing -> that box.
+
+    On dark or busy packs the detector sometimes adds a box over part of a facing (its lower half, its
+    label) beside the box of the whole facing. The part stands inside the whole's width and height; the
+    recognizer often cannot name it, and as a box of its own it would split a block of facings or count
+    one facing twice. A product stacked on another is not a part (it stands above it), nor is a facing
+    inside a box merged over several (the whole must be about one facing wide).
+    """
+    xyxy = obs.xyxy
+    w = xyxy[:, 2] - xyxy[:, 0]
+    h = xyxy[:, 3] - xyxy[:, 1]
+    ox = np.minimum(xyxy[:, None, 2], xyxy[None, :, 2]) - np.maximum(xyxy[:, None, 0], xyxy[None, :, 0])
+    oy = np.minimum(xyxy[:, None, 3], xyxy[None, :, 3]) - np.maximum(xyxy[:, None, 1], xyxy[None, :, 1])
+    whole = (  # whole[i, j]: box j could be the whole facing box i is a part of
+        (h[None, :] * _PART_MAX_HEIGHT >= h[:, None])
+        & (w[None, :] <= _WHOLE_MAX_WIDTH * w[:, None])
+        & (ox >= _PART_MIN_INSIDE * w[:, None])
+        & (oy >= _PART_MIN_INSIDE * h[:, None])
+    )
+    parts: dict[int, int] = {}
+    for i in sorted(map(int, np.flatnonzero(whole.any(1))), key=lambda i: h[i]):  # a part's whole is taller
+        cands = [int(j) for j in np.flatnonzero(whole[i]) if int(j) not in parts]
+        if not cands:
+            continue
+        j = max(cands, key=lambda j: h[j])
+        parts[i] = j
+        if ctx.skus[j] is None and ctx.skus[i] is not None:  # the whole takes the name the part was given
+            ctx.skus[j], ctx.probs[j] = ctx.skus[i], ctx.probs[i]
+    return parts
+
+
+_PART_MAX_HEIGHT = 0.85  # a part is at most this share of its whole's height ...
+_PART_MIN_INSIDE = 0.6  # ... with this share of its width and height inside the whole ...
+_WHOLE_MAX_WIDTH = 1.6  # ... which is at most this many times as wide as the part
 
 
 def _count_facings(obs: ShelfObservation, boxes: list[int]) -> int:

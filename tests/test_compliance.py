@@ -369,6 +369,40 @@ def test_one_box_over_two_facings_still_counts_both():
     assert next(s for s in res.slots if s.planned_sku == "C").facings_found == 3
 
 
+def _with_boxes(obs: ShelfObservation, extra: list[tuple[list[float], str | None]]) -> ShelfObservation:
+    return ShelfObservation(
+        xyxy=np.vstack([obs.xyxy, np.array([b for b, _ in extra], dtype=float).reshape(-1, 4)]),
+        confidence=np.concatenate([obs.confidence, np.full(len(extra), 0.5)]),
+        sku_id=[*obs.sku_id, *(s for _, s in extra)],
+        sku_prob=np.concatenate([obs.sku_prob, np.full(len(extra), 0.9)]),
+        image_size=obs.image_size,
+    )
+
+
+def test_a_box_over_part_of_a_facing_is_neither_a_facing_nor_a_detection():
+    obs = photograph(BAY, as_planned(BAY))
+    extra = []
+    for sku in ("C", "E"):  # the lower half of C's first facing, unnamed; the label of E's last, named
+        i = [k for k, s in enumerate(obs.sku_id) if s == sku][0 if sku == "C" else -1]
+        x0, y0, x1, y1 = obs.xyxy[i]
+        extra.append(([x0 - 3, (y0 + y1) / 2, x1 - 2, y1 - 1], None if sku == "C" else sku))
+    res = check_bay(_with_boxes(obs, extra), BAY)
+    only(res)
+    assert {s.planned_sku: s.facings_found for s in res.slots}["C"] == 3
+    assert res.unplanned == []
+
+
+def test_a_product_stacked_on_a_facing_is_not_a_part_of_it():
+    obs = photograph(BAY, as_planned(BAY))
+    i = next(k for k, s in enumerate(obs.sku_id) if s == "C")
+    x0, y0, x1, y1 = obs.xyxy[i]
+    stacked = [x0, y0 - 0.6 * (y1 - y0), x1, y0 + 2]  # a smaller unknown pack lying on top of it
+    res = check_bay(_with_boxes(obs, [(stacked, None)]), BAY)
+    only(res)
+    # Not folded away: like any box off the mapped shelf rows it is counted as an excluded detection.
+    assert res.excluded_detections == check_bay(obs, BAY).excluded_detections + 1
+
+
 def test_pack_sizes_from_the_catalogue_tell_size_variants_apart():
     # Every facing of G (60 x 150 mm packs) is read as its smaller sibling G-small first.
     probs = {"G": [("G-small", 0.6), ("G", 0.4)]}
