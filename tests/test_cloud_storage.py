@@ -167,3 +167,40 @@ def test_s3_store_reaches_an_existing_bucket(s3_server: Any) -> None:
     second = S3ObjectStore(s3_server.endpoint, "k", "s", "shared-bucket", region="us-east-1")
     assert first.put_if_absent("a/b", b"1") is True
     assert second.put_if_absent("a/b", b"1") is False
+
+
+def _backend_pid(db: Database) -> int:
+    with db.session() as s:
+        return int(s.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _terminate(db_url: str, pid: int) -> None:
+    import psycopg
+
+    url = sa.engine.make_url(db_url)
+    with psycopg.connect(f"host={url.host} port={url.port} user={url.username} dbname=postgres") as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+@pytest.mark.postgres
+def test_an_idle_connection_the_server_dropped_is_replaced_before_use(postgres_db: str) -> None:
+    db = Database(postgres_db, ping_after_idle_s=0.0, pool_size=1, max_overflow=0)
+    try:
+        first = _backend_pid(db)
+        _terminate(postgres_db, first)
+        assert _backend_pid(db) != first  # no error reached the caller: the ping found it dead
+    finally:
+        db.dispose()
+
+
+@pytest.mark.postgres
+def test_a_busy_connection_is_not_pinged_and_a_dropped_one_fails_once(postgres_db: str) -> None:
+    db = Database(postgres_db, ping_after_idle_s=3600.0, pool_size=1, max_overflow=0)
+    try:
+        first = _backend_pid(db)
+        _terminate(postgres_db, first)
+        with pytest.raises(sa.exc.OperationalError):
+            _backend_pid(db)  # not idle long enough to be pinged: the one transaction in flight fails
+        assert _backend_pid(db) != first  # and the pool has already replaced the connection
+    finally:
+        db.dispose()
