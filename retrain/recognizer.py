@@ -271,11 +271,25 @@ def check_parity(model, onnx_path: Path, images: list[Path], size: int) -> dict:
     }
 
 
-def holdout_classes(grocery_val: list[Sample], n: int, seed: int = 0) -> list[str]:
-    """Classes kept out of fine-tuning for the "new SKU" test: only ones that have held-out photos."""
+HOLDOUT_SEED = 0
+"""Which Grocery classes are held out does not follow the training seed: a continuation run with another
+seed would otherwise train on the classes its starting weights kept out for the new-SKU test."""
+
+
+def holdout_classes(grocery_val: list[Sample], n: int, init: Path | None = None) -> list[str]:
+    """Classes kept out of fine-tuning for the "new SKU" test: only ones that have held-out photos, and
+    always those the run continued from (`init`, read from the report beside it) kept out."""
     with_val = sorted({s.label for s in grocery_val})
-    rng = random.Random(seed)
-    return sorted(rng.sample(with_val, min(n, len(with_val))))
+    held = set(random.Random(HOLDOUT_SEED).sample(with_val, min(n, len(with_val))))
+    if init is not None:
+        report = Path(init).parent / "recognizer_report.json"
+        if not report.is_file():
+            raise FileNotFoundError(
+                f"{report} is missing: without it the classes {init} was kept from are unknown, and "
+                "training on them would void the new-SKU test"
+            )
+        held |= set(json.loads(report.read_text())["recipe"]["data"].get("holdout_classes", []))
+    return sorted(held)
 
 
 def training_set(

@@ -340,7 +340,10 @@ def retrain_recognizer(
 
     if not crops and grocery is None:
         _fail("give --crops and/or --grocery")
-    held = holdout_classes(grocery_store(grocery, "val"), holdout, seed) if grocery else []
+    try:
+        held = holdout_classes(grocery_store(grocery, "val"), holdout, init) if grocery else []
+    except FileNotFoundError as exc:
+        _fail(str(exc))
     samples, info = training_set(grocery, crops, held, per_sku, seed)
     recipe = RecognizerRecipe(
         epochs=epochs,
