@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from datetime import date
 from typing import Annotated, Any, Literal
 
@@ -66,6 +67,30 @@ End = Annotated[
 ]
 StoreQ = Annotated[str | None, Query(pattern=ID_PATTERN, max_length=64)]
 RegionQ = Annotated[str | None, Query(max_length=128, pattern=r"^[^\x00]*$")]
+
+
+@dataclass(frozen=True)
+class ReportWindow:
+    """The filter the report lists share: the days ending on `end`, all stores or one store or region."""
+
+    days: int
+    end: date | None
+    store_id: str | None
+    region: str | None
+
+    def scope(self, session: Any, svc: Any) -> service.Scope:
+        return service.scope(
+            session, svc.store, days=self.days, end=self.end, store_id=self.store_id, region=self.region
+        )
+
+
+def report_window(
+    days: Days = 14, end: End = None, store_id: StoreQ = None, region: RegionQ = None
+) -> ReportWindow:
+    return ReportWindow(days, end, store_id, region)
+
+
+Window = Annotated[ReportWindow, Depends(report_window)]
 
 router = APIRouter(prefix="/reports", tags=["reports"])
 
@@ -135,75 +160,41 @@ def bay(
 def tasks(
     svc: ServicesDep,
     _: Reader,
-    store_id: StoreQ = None,
-    region: RegionQ = None,
+    window: Window,
     limit: Annotated[int | None, Query(ge=1, le=10_000)] = None,
-    days: Days = 14,
-    end: End = None,
 ) -> list[dict]:
     with svc.db.session() as s:
-        sc = service.scope(s, svc.store, days=days, end=end, store_id=store_id, region=region)
-        return service.tasks(sc, limit)
+        return service.tasks(window.scope(s, svc), limit)
 
 
 @router.get("/tasks.csv", summary="The task list as CSV (merchandiser)", response_class=Response)
-def tasks_csv(
-    svc: ServicesDep,
-    _: Reader,
-    store_id: StoreQ = None,
-    region: RegionQ = None,
-    days: Days = 14,
-    end: End = None,
-) -> Response:
+def tasks_csv(svc: ServicesDep, _: Reader, window: Window) -> Response:
     with svc.db.session() as s:
-        sc = service.scope(s, svc.store, days=days, end=end, store_id=store_id, region=region)
+        sc = window.scope(s, svc)
         rows = d.task_csv_rows(d.build_tasks(sc.latest, sc.catalogue, sc.directory))
         return _csv(d.TASK_CSV_FIELDS, rows, f"shelfloop-tasks-{sc.end.isoformat()}.csv")
 
 
 @router.get("/slots.csv", summary="Every slot verdict of every snapshot in the window as CSV (merchandiser)")
-def slots_csv(
-    svc: ServicesDep,
-    _: Reader,
-    store_id: StoreQ = None,
-    region: RegionQ = None,
-    latest_only: bool = False,
-    days: Days = 14,
-    end: End = None,
-) -> Response:
+def slots_csv(svc: ServicesDep, _: Reader, window: Window, latest_only: bool = False) -> Response:
     with svc.db.session() as s:
-        sc = service.scope(s, svc.store, days=days, end=end, store_id=store_id, region=region)
+        sc = window.scope(s, svc)
         rows = d.slot_csv_rows(sc.latest if latest_only else sc.snaps, sc.catalogue)
         return _csv(d.SLOT_CSV_FIELDS, rows, f"shelfloop-slots-{sc.end.isoformat()}.csv")
 
 
 @router.get("/aggregates", summary="KPIs grouped by store, region, category or brand (merchandiser)")
 def aggregates(
-    svc: ServicesDep,
-    _: Reader,
-    by: Literal["store", "region", "category", "brand"] = "store",
-    store_id: StoreQ = None,
-    region: RegionQ = None,
-    days: Days = 14,
-    end: End = None,
+    svc: ServicesDep, _: Reader, window: Window, by: Literal["store", "region", "category", "brand"] = "store"
 ) -> dict:
     with svc.db.session() as s:
-        return service.aggregates(
-            service.scope(s, svc.store, days=days, end=end, store_id=store_id, region=region), by
-        )
+        return service.aggregates(window.scope(s, svc), by)
 
 
 @router.get("/trends", summary="Daily compliance, availability and out-of-stock count (merchandiser)")
-def trends(
-    svc: ServicesDep,
-    _: Reader,
-    store_id: StoreQ = None,
-    region: RegionQ = None,
-    days: Days = 14,
-    end: End = None,
-) -> dict:
+def trends(svc: ServicesDep, _: Reader, window: Window) -> dict:
     with svc.db.session() as s:
-        sc = service.scope(s, svc.store, days=days, end=end, store_id=store_id, region=region)
+        sc = window.scope(s, svc)
         return {
             "end": sc.end.isoformat(),
             "days": sc.days,
