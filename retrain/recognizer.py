@@ -198,7 +198,7 @@ def train_recognizer(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             correct += int((cos.argmax(1) == yt).sum())
             seen += len(y)
         history.append(
