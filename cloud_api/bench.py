@@ -6,11 +6,13 @@ endpoint (moto's server in its own process, as S3/MinIO is in production, unless
 database named (PostgreSQL for the queue figure that matters; a temporary SQLite file otherwise). Loads
 are fixed counts, never open-ended.
 
-The baseline is sequential ``put_object`` calls from one minio client, timed before and after the ingest
-run (their mean, so a load change on a shared box during the run does not favour either side). Both
-sides are timed after a short untimed warm-up (a fresh server and a fresh worker are slower at first). The
-same puts from as many threads as the workers' pools hold are reported beside it, for reference: the
-server's ceiling when requests overlap, as the workers' puts do.
+The baseline is sequential ``put_object`` calls from one minio client. The two sides are timed in
+interleaved rounds (raw, ingest, ingest, raw, ...) and compared by their totals, so a load change on a
+shared box during the run does not favour either side; both after a short untimed warm-up (a fresh
+server and a fresh worker are slower at first). The device runs in its own process with its crops encoded
+beforehand, as a device is another machine: in this process its MQTT client would take a third of the
+worker's GIL time. The same puts from as many threads as the workers' pools hold are reported beside it,
+for reference: the server's ceiling when requests overlap, as the workers' puts do.
 """
 
 from __future__ import annotations
@@ -34,11 +36,15 @@ from cloud_api.ingest import Ingestor, IngestWorker
 from cloud_api.queue import AnnotationQueue, enqueue_crop
 from cloud_api.storage import S3ObjectStore
 from shelfloop.broker import free_port, private_mosquitto, wait_port
+from shelfloop.contract import encode
 
 __all__ = ["jpeg_of_size", "run"]
 
 WARMUP = 20
 """Untimed puts, and crops through ingest, before each side is timed."""
+ROUNDS = 4
+"""Timed rounds of each side, interleaved (each of at least 20 crops; the same count on both sides).
+Few and long: each ingest round pays the pipeline's fill and drain once, which a sequential put does not."""
 
 
 def jpeg_of_size(target_bytes: int) -> bytes:
@@ -83,6 +89,65 @@ def _s3(endpoint: str | None, workdir: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def _encoded_crop(crop_bytes: int) -> tuple[str, bytes]:
+    crop = make_crop("bench-store", "bench-dev", jpeg=jpeg_of_size(crop_bytes))
+    return crop.crop_id, encode(crop)
+
+
+def _device_process(port: int, batches: list[list[tuple[str, bytes]]], timeout_s: float, conn: Any) -> None:
+    """A device in its own process, as devices are other machines: its MQTT client does not take the
+    ingest worker's GIL. Sends the batch it is told to and answers with the seconds until all were acked
+    (or the error)."""
+    try:
+        device = DeviceSim("127.0.0.1", port, "bench-store", "bench-dev", resend_after_s=timeout_s)
+        device.wait_connected()
+        conn.send("ready")
+        while (k := conn.recv()) is not None:
+            started = time.perf_counter()
+            for crop_id, payload in batches[k]:
+                device.send(payload, crop_id)
+            if not device.wait_all_acked(timeout_s, resend=False):
+                raise RuntimeError(f"{device.pending()} crops not acked within {timeout_s}s")
+            conn.send(time.perf_counter() - started)
+        device.close()
+    except BaseException as exc:  # reported to the parent, which raises
+        conn.send(repr(exc))
+
+
+@contextmanager
+def _device(port: int, batches: list[list[tuple[str, bytes]]], timeout_s: float) -> Iterator[Any]:
+    """Starts `_device_process`; yields ``send(k) -> seconds`` for batch k."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_device_process, args=(port, batches, timeout_s, child), daemon=True)
+    proc.start()
+
+    def answer() -> Any:
+        if not parent.poll(timeout_s + 30):
+            raise RuntimeError(f"the device process did not answer within {timeout_s + 30:.0f} s")
+        reply = parent.recv()
+        if isinstance(reply, str) and reply != "ready":
+            raise RuntimeError(f"device process failed: {reply}")
+        return reply
+
+    def send(k: int) -> float:
+        parent.send(k)
+        return float(answer())
+
+    try:
+        answer()
+        yield send
+    finally:
+        if proc.is_alive():
+            parent.send(None)
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(10)
 
 
 def _raw_put_rate(store: S3ObjectStore, payloads: list[bytes], prefix: str, threads: int = 1) -> float:
@@ -226,7 +291,7 @@ def _queue_rate_threads(db: Database, ops: int, workers: int) -> float:
 
 
 def run(
-    n: int = 500,
+    n: int = 1200,
     crop_bytes: int = 30 * 1024,
     *,
     database_url: str | None = None,
@@ -246,8 +311,13 @@ def run(
             store = S3ObjectStore(endpoint, "bench", "bench-secret", bucket, region="us-east-1")
             payloads = [jpeg_of_size(crop_bytes) for _ in range(min(n, 300))]
             _raw_put_rate(store, payloads[:WARMUP], "warmup")
-            raw_before = _raw_put_rate(store, payloads, "before")
-            crops = [make_crop("bench-store", "bench-dev", jpeg=jpeg_of_size(crop_bytes)) for _ in range(n)]
+            # Interleaved rounds, in the order raw, ingest, ingest, raw, raw, ...: the load on a shared box
+            # drifts, and both sides are timed across the same stretch of it.
+            rounds = max(1, min(ROUNDS, n // 20))
+            per_round = -(-n // rounds)
+            crops = [_encoded_crop(crop_bytes) for _ in range(n)]
+            batches = [[_encoded_crop(crop_bytes) for _ in range(WARMUP)]]
+            batches += [crops[k * per_round : (k + 1) * per_round] for k in range(rounds)]
             # Workers of one shared-subscription group split the uplinks, as deployed ingest scales out.
             workers = [
                 IngestWorker(
@@ -260,26 +330,31 @@ def run(
                 worker.start()
                 if not worker.wait_ready(10):
                     raise RuntimeError("ingest worker did not subscribe")
-            device = DeviceSim("127.0.0.1", port, "bench-store", "bench-dev", resend_after_s=timeout_s)
+            raw_rounds: list[tuple[int, float]] = []  # (puts, seconds)
+            ingest_rounds: list[tuple[int, float]] = []  # (crops, seconds)
+
+            def raw_round(k: int, count: int) -> None:
+                batch = [payloads[(k * count + j) % len(payloads)] for j in range(count)]
+                raw_rounds.append((count, count / _raw_put_rate(store, batch, f"r{k}")))
+
             try:
-                device.wait_connected()
-                for _ in range(WARMUP):
-                    device.send(make_crop("bench-store", "bench-dev", jpeg=jpeg_of_size(crop_bytes)))
-                if not device.wait_all_acked(timeout_s, resend=False):
-                    raise RuntimeError(f"{device.pending()} warm-up crops not acked within {timeout_s}s")
-                started = time.perf_counter()
-                for crop in crops:
-                    device.send(crop)
-                if not device.wait_all_acked(timeout_s, resend=False):
-                    raise RuntimeError(f"{device.pending()} crops not acked within {timeout_s}s")
-                ingest_rate = n / (time.perf_counter() - started)
+                with _device(port, batches, timeout_s) as ingest_round:
+                    ingest_round(0)  # warm-up, untimed
+                    for k in range(rounds):
+                        if k % 2 == 0:
+                            raw_round(k, per_round)
+                        ingest_rounds.append((len(batches[k + 1]), ingest_round(k + 1)))
+                        if k % 2 == 1:
+                            raw_round(k, per_round)
             finally:
-                device.close()
                 for worker in workers:
                     worker.stop()
-            raw_after = _raw_put_rate(store, payloads, "after")
+            ingest_rate = sum(c for c, _ in ingest_rounds) / sum(t for _, t in ingest_rounds)
+            raw_rate = sum(c for c, _ in raw_rounds) / sum(t for _, t in raw_rounds)
+            round_ratios = [
+                (ci / ti) / (cr / tr) for (ci, ti), (cr, tr) in zip(ingest_rounds, raw_rounds, strict=True)
+            ]
             raw_concurrent = _raw_put_rate(store, payloads, "concurrent", threads=put_threads)
-            raw_rate = (raw_before + raw_after) / 2
         queue_rate = _queue_rate_processes(db, queue_ops, queue_workers)
         queue_rate_threads = _queue_rate_threads(db, queue_ops, queue_workers)
     finally:
@@ -288,10 +363,13 @@ def run(
     dialect = url.split(":", 1)[0]
     figures = {
         "crops": n,
-        "crop_bytes": len(crops[0].jpeg),
+        "crop_bytes": len(payloads[0]),
         "ingest_crops_per_s": round(ingest_rate, 1),
         "raw_s3_puts_per_s": round(raw_rate, 1),
-        "raw_s3_puts_per_s_before_after": [round(raw_before, 1), round(raw_after, 1)],
+        "rounds": len(round_ratios),
+        "round_ratios": [round(r, 3) for r in round_ratios],
+        "ingest_crops_per_s_rounds": [round(c / t, 1) for c, t in ingest_rounds],
+        "raw_s3_puts_per_s_rounds": [round(c / t, 1) for c, t in raw_rounds],
         "raw_s3_puts_per_s_concurrent": round(raw_concurrent, 1),
         "raw_s3_concurrent_threads": put_threads,
         "s3_server": "moto_server, own process" if s3_endpoint is None else s3_endpoint,
@@ -306,9 +384,11 @@ def run(
     lines = [
         f"ingest: {n} crops of {figures['crop_bytes']} B, broker -> {ingest_workers} worker(s) -> S3 + "
         f"{dialect} -> ack: {figures['ingest_crops_per_s']} crops/s",
-        f"raw S3 put_object, sequential from one client (same server, same run; mean of before "
-        f"{raw_before:.1f} and after {raw_after:.1f}): {figures['raw_s3_puts_per_s']} puts/s; "
-        f"ingest/raw ratio {figures['ingest_to_storage_ratio']}",
+        f"raw S3 put_object, sequential from one client (same server, in {len(round_ratios)} rounds "
+        f"interleaved with the ingest's): {figures['raw_s3_puts_per_s']} puts/s; ingest/raw ratio "
+        f"{figures['ingest_to_storage_ratio']} (per round: "
+        + ", ".join(f"{r:.2f}" for r in round_ratios)
+        + ")",
         f"raw S3 put_object from {put_threads} threads (the server's ceiling when requests overlap, for "
         f"reference): {figures['raw_s3_puts_per_s_concurrent']} puts/s",
         f"queue ({dialect}): {figures['queue_ops_per_s']} claim+complete ops/s from {queue_workers} worker "

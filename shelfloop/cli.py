@@ -775,7 +775,7 @@ def bench_edge(
 def bench_ingest(
     n: Annotated[
         int, typer.Option(min=10, help="Crops to push through broker, worker, S3 and database.")
-    ] = 500,
+    ] = 1200,
     crop_kb: Annotated[int, typer.Option(min=1, max=500, help="JPEG size of each crop, KiB.")] = 30,
     database_url: Annotated[
         str | None,
