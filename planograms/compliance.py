@@ -463,7 +463,10 @@ def _map_rows(
             for r, skus in enumerate(row_skus):
                 if s in skus:
                     votes[g, r] += ctx.probs[i].get(s, 0.0)
-    share = votes / np.maximum(1.0, votes.sum(1, keepdims=True))
+    # A group's share of its votes per row, against a typical group's vote mass: one stray box of a
+    # row's SKU is not as sure a sign of that row as a whole shelf of them.
+    mass = votes.sum(1)
+    share = votes / np.maximum(np.maximum(1.0, mass), float(np.median(mass)))[:, None]
     yg = np.array([y for _, y in groups])
     ym = np.array([r.plan.y_mm for r in rows])
     spacing = np.full(n_r, float(bay.height_mm))
@@ -485,7 +488,9 @@ def _map_rows(
     pred = h[:, 0:1, None] * ym[None, None, :] + h[:, 1:2, None]  # (H, 1, R)
     resid = np.abs(yg[None, :, None] - pred)  # (H, G, R)
     inl = resid < 0.35 * h[:, 0:1, None] * spacing[None, None, :]
-    quality = np.where(inl, 1.0 + share[None], 0.0).max(2).sum(1) - 1e-3 * np.where(inl, resid, 0).sum((1, 2))
+    # Each planned row counts once, by its best group: two groups near one row (a stray box below the
+    # shelf) must not outvote a hypothesis that puts every row on exactly one group.
+    quality = np.where(inl, 1.0 + share[None] - 1e-3 * resid, 0.0).max(1).sum(1)
     best = int(np.argmax(quality))
     close = 1.0 - resid[best] / (0.35 * h[best, 0] * spacing[None, :])
     score = np.where(inl[best], 1.0 + share + 0.1 * close, 0.0)
@@ -1440,6 +1445,7 @@ def _fragments(obs: ShelfObservation, ctx: _Ctx) -> dict[int, int]:
         & (w[None, :] <= _WHOLE_MAX_WIDTH * w[:, None])
         & (ox >= _PART_MIN_INSIDE * w[:, None])
         & (oy >= _PART_MIN_INSIDE * h[:, None])
+        & (xyxy[None, :, 3] - xyxy[:, None, 3] <= _OVERHANG * h[None, :])
     )
     parts: dict[int, int] = {}
     for i in sorted(map(int, np.flatnonzero(whole.any(1))), key=lambda i: h[i]):  # a part's whole is taller
@@ -1455,7 +1461,8 @@ def _fragments(obs: ShelfObservation, ctx: _Ctx) -> dict[int, int]:
 
 _PART_MAX_HEIGHT = 0.85  # a part is at most this share of its whole's height ...
 _PART_MIN_INSIDE = 0.6  # ... with this share of its width and height inside the whole ...
-_WHOLE_MAX_WIDTH = 1.6  # ... which is at most this many times as wide as the part
+_WHOLE_MAX_WIDTH = 1.6  # ... which is at most this many times as wide as the part ...
+_OVERHANG = 0.15  # ... and reaches below it by at most this share of its own height
 
 
 def _count_facings(obs: ShelfObservation, boxes: list[int]) -> int:

@@ -403,6 +403,24 @@ def test_a_product_stacked_on_a_facing_is_not_a_part_of_it():
     assert res.excluded_detections == check_bay(obs, BAY).excluded_detections + 1
 
 
+def test_a_stray_box_below_the_bottom_shelf_does_not_take_its_place():
+    obs = photograph(BAY, as_planned(BAY))
+    bottoms = sorted({round(float(b)) for b in obs.xyxy[:, 3]})
+    pitch = bottoms[1] - bottoms[0]  # px between shelf edges
+    i = obs.sku_id.index("I")  # first facing of the bottom row
+    x0, y0, x1, y1 = obs.xyxy[i]
+    # A loose, confident-looking box over that facing, reaching 0.4 shelf pitches below its shelf edge.
+    stray = [x0 - 4, y0 + 5, x1 + 6, y1 + 0.4 * pitch]
+    taller = ShelfObservation(
+        xyxy=np.vstack([obs.xyxy, [stray]]),
+        confidence=np.append(obs.confidence, 0.3),
+        sku_id=[*obs.sku_id, "I"],
+        sku_prob=np.append(obs.sku_prob, 1.0),
+        image_size=(obs.image_size[0], int(obs.image_size[1] + pitch)),
+    )
+    only(check_bay(taller, BAY))
+
+
 def test_pack_sizes_from_the_catalogue_tell_size_variants_apart():
     # Every facing of G (60 x 150 mm packs) is read as its smaller sibling G-small first.
     probs = {"G": [("G-small", 0.6), ("G", 0.4)]}
