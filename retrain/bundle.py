@@ -15,6 +15,11 @@ from models.evaluate import build_gallery, embed_paths, image_folder
 from models.gallery import Gallery, fit_temperature
 from models.recognizer import SkuEmbedder, model_fingerprint
 from retrain.compact import compact_weights
+from retrain.quantize import STORAGE as QDQ_INT8
+from retrain.quantize import quantize_detector
+
+CALIBRATION_PHOTOS = 32
+"""Shelf photos of the calibration world that set the int8 detector's activation ranges."""
 
 
 def calibrate(
@@ -72,13 +77,22 @@ def assemble_model_bundle(
     recognizer_storage: str = "float16",
 ) -> dict:
     """Put the two ONNX files into `out` with compact weight storage (`retrain.compact`; "float32" copies
-    them as they are), calibrate the recognizer, write and sign the manifest."""
+    them as they are; "qdq-int8" quantizes the detector to compute in int8, `retrain.quantize`), calibrate
+    the recognizer, write and sign the manifest."""
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    det_src = Path(detector_dir) / "detector.onnx"
+    if detector_storage == QDQ_INT8:
+        if calibration_world is None:
+            raise ValueError("int8 detector compute needs a calibration world (its shelf photos)")
+        photos = sorted((Path(calibration_world) / "shelf" / "images").rglob("*.jpg"))[:CALIBRATION_PHOTOS]
+        det_weights = quantize_detector(det_src, out / "detector.onnx", photos)
+    else:
+        det_weights = _place(det_src, out / "detector.onnx", detector_storage)
     weights = {
-        "detector": _place(Path(detector_dir) / "detector.onnx", out / "detector.onnx", detector_storage),
+        "detector": det_weights,
         "recognizer": _place(
             Path(recognizer_dir) / "recognizer.onnx", out / "recognizer.onnx", recognizer_storage
         ),

@@ -378,7 +378,11 @@ def retrain_bundle(
         ),
     ] = None,
     detector_storage: Annotated[
-        str, typer.Option(help="Weight storage in the bundle: int8, float16 or float32 (computed in fp32).")
+        str,
+        typer.Option(
+            help="Weight storage in the bundle: int8, float16 or float32 (computed in fp32), or qdq-int8 "
+            "(computed in int8: static quantization calibrated on the calibration world's shelf photos)."
+        ),
     ] = "int8",
     recognizer_storage: Annotated[
         str, typer.Option(help="Weight storage in the bundle: int8, float16 or float32 (computed in fp32).")
@@ -388,9 +392,12 @@ def retrain_bundle(
     are stored compactly (int8 detector, float16 recognizer by default) and run in fp32 on the device."""
     from retrain.bundle import assemble_model_bundle
 
-    for storage in (detector_storage, recognizer_storage):
-        if storage not in ("int8", "float16", "float32"):
-            _fail(f"weight storage must be int8, float16 or float32, not {storage!r}")
+    if detector_storage not in ("int8", "float16", "float32", "qdq-int8"):
+        _fail(f"detector storage must be int8, float16, float32 or qdq-int8, not {detector_storage!r}")
+    if recognizer_storage not in ("int8", "float16", "float32"):
+        _fail(f"recognizer storage must be int8, float16 or float32, not {recognizer_storage!r}")
+    if detector_storage == "qdq-int8" and calibration_world is None:
+        _fail("--detector-storage qdq-int8 needs --calibration-world (its shelf photos calibrate int8)")
     m = assemble_model_bundle(
         detector,
         recognizer,

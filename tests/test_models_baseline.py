@@ -150,3 +150,44 @@ def test_detect_then_recognise_on_a_synthetic_shelf(bundle, small_world):
     assert len(dets) > 5
     assert np.isfinite(dets.novelty).all() and (dets.sku_probability > 0).all()
     assert sum(s is not None for s in dets.sku_id) >= len(dets) // 2
+
+
+def test_detector_quantized_to_int8_finds_the_same_boxes(bundle, small_world, tmp_path):
+    """`retrain bundle --detector-storage qdq-int8`: the fp32 export of detector.pt quantized on shelf
+    photos computes in int8 with the head's decoding in fp32. Tolerance, over all frames together (a
+    checkout frame holds a handful of boxes, one of which moves the share of that frame alone by 20 %):
+    90 % of confident boxes have a partner from the fp32 graph with IoU >= 0.85 and confidence within 0.1."""
+    ultra = _yolo(tmp_path)
+    pytest.importorskip("onnxruntime.quantization", reason="ONNX Runtime's quantization tools are missing")
+    from models.backends import create_backend
+    from models.detector import ProductDetector
+    from retrain.quantize import quantize_detector
+
+    pt = WEIGHTS / "detector.pt"
+    if not pt.is_file():
+        pytest.skip("no PyTorch detector weights in retrain/baseline")
+    import shutil
+
+    size = bundle.detector.input_size[0]
+    shutil.copyfile(pt, tmp_path / "detector.pt")  # the export is written beside the weights
+    yolo = ultra.YOLO(str(tmp_path / "detector.pt"))
+    fp32 = Path(yolo.export(format="onnx", imgsz=size, opset=17, simplify=False, dynamic=False))
+    photos = sorted((small_world / "shelf" / "images").rglob("*.jpg"))
+    info = quantize_detector(fp32, tmp_path / "int8.onnx", photos[:8])
+    assert info["storage"] == "qdq-int8" and info["calibration_images"] == len(photos[:8])
+
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    ref = ProductDetector(create_backend("onnxruntime", fp32), conf_threshold=0.2)
+    int8 = ProductDetector(create_backend("onnxruntime", tmp_path / "int8.onnx"), conf_threshold=0.2)
+    matched, boxes = 0.0, 0
+    for path in _frames(small_world):
+        img = cv2.imread(str(path))
+        theirs, ours = ref(img), int8(img)
+        assert len(theirs) > 0
+        n = int((theirs.confidence >= 0.3).sum() + (ours.confidence >= 0.3).sum())
+        matched += n * _match(ours, theirs.xyxy, theirs.confidence, 0.85, 0.1)
+        boxes += n
+    assert matched / boxes >= 0.9, (matched, boxes)
