@@ -139,8 +139,11 @@ class Client:
             return self._acks.pop(info.mid).value
 
     def publish_outcome(self, topic: str, payload: bytes) -> int | str:
-        """Publish at QoS 1; the PUBACK reason code, or "disconnected" if the connection ends first."""
+        """Publish at QoS 1; the PUBACK reason code, or "disconnected" if the connection ends first (also
+        while paho is still writing the packet: the broker may drop it mid-write, and paho says NO_CONN)."""
         info = self.client.publish(topic, payload, qos=1)
+        if info.rc == mqtt.MQTT_ERR_NO_CONN:
+            return "disconnected"
         assert info.rc == mqtt.MQTT_ERR_SUCCESS
         with self._cond:
             done = self._cond.wait_for(
