@@ -18,8 +18,9 @@ from retrain.compact import compact_weights
 from retrain.quantize import STORAGE as QDQ_INT8
 from retrain.quantize import quantize_detector
 
-CALIBRATION_PHOTOS = 32
-"""Shelf photos of the calibration world that set the int8 detector's activation ranges."""
+CALIBRATION_PHOTOS = 40
+"""Shelf photos (and half as many checkout photos) of the calibration world that set the int8 detector's
+activation ranges."""
 
 
 def calibrate(
@@ -87,7 +88,9 @@ def assemble_model_bundle(
     if detector_storage == QDQ_INT8:
         if calibration_world is None:
             raise ValueError("int8 detector compute needs a calibration world (its shelf photos)")
-        photos = sorted((Path(calibration_world) / "shelf" / "images").rglob("*.jpg"))[:CALIBRATION_PHOTOS]
+        world = Path(calibration_world)
+        photos = sorted((world / "shelf" / "images").rglob("*.jpg"))[:CALIBRATION_PHOTOS]
+        photos += sorted((world / "checkout" / "images").rglob("*.jpg"))[: CALIBRATION_PHOTOS // 2]
         det_weights = quantize_detector(det_src, out / "detector.onnx", photos)
     else:
         det_weights = _place(det_src, out / "detector.onnx", detector_storage)

@@ -381,7 +381,7 @@ def retrain_bundle(
         str,
         typer.Option(
             help="Weight storage in the bundle: int8, float16 or float32 (computed in fp32), or qdq-int8 "
-            "(computed in int8: static quantization calibrated on the calibration world's shelf photos)."
+            "(computed in int8: static quantization calibrated on the calibration world's photos)."
         ),
     ] = "int8",
     recognizer_storage: Annotated[
@@ -397,7 +397,7 @@ def retrain_bundle(
     if recognizer_storage not in ("int8", "float16", "float32"):
         _fail(f"recognizer storage must be int8, float16 or float32, not {recognizer_storage!r}")
     if detector_storage == "qdq-int8" and calibration_world is None:
-        _fail("--detector-storage qdq-int8 needs --calibration-world (its shelf photos calibrate int8)")
+        _fail("--detector-storage qdq-int8 needs --calibration-world (its photos calibrate int8)")
     m = assemble_model_bundle(
         detector,
         recognizer,
