@@ -1433,7 +1433,8 @@ def _fragments(obs: ShelfObservation, ctx: _Ctx) -> dict[int, int]:
     label) beside the box of the whole facing. The part stands inside the whole's width and height; the
     recognizer often cannot name it, and as a box of its own it would split a block of facings or count
     one facing twice. A product stacked on another is not a part (it stands above it), nor is a facing
-    inside a box merged over several (the whole must be about one facing wide).
+    inside a box merged over several (the whole must be about one facing wide) or inside a loose box that
+    reaches well below the shelf edge (a whole stands on the edge its parts stand on).
     """
     xyxy = obs.xyxy
     w = xyxy[:, 2] - xyxy[:, 0]
