@@ -1546,6 +1546,10 @@ def _label(rows: list[_Row], ctx: _Ctx, bay: Bay) -> dict[tuple[int, int], tuple
             n = _count_facings(ctx.obs, run.idx)
             if n < s.facings:  # one box over two facings (a merged detection) still shows both
                 n = max(n, min(s.facings, _facings_by_width(row, s, run, ctx)))
+            elif n > s.facings and _overlapping(ctx.obs, run.idx):
+                # Boxes overlapping side by side (one facing split in two) leave no room for both: the
+                # width they cover says how many facings stand there.
+                n = min(n, max(s.facings, _facings_by_width(row, s, run, ctx)))
             ctx.facings_found[key] = n
             over = n > s.facings
             under = n < s.facings and _missing_facings_visible(row, s, run, n, ctx, gaps[k])
@@ -1561,6 +1565,15 @@ def _label(rows: list[_Row], ctx: _Ctx, bay: Bay) -> dict[tuple[int, int], tuple
                 continue
             out[key] = (_empty_or_unverified(row, si, ctx, gaps[k]), [], None)
     return out
+
+
+def _overlapping(obs: ShelfObservation, boxes: list[int], share: float = 0.25) -> bool:
+    """Two neighbouring boxes overlap by more than `share` of the narrower one's width."""
+    spans = sorted((float(obs.xyxy[i, 0]), float(obs.xyxy[i, 2])) for i in boxes)
+    return any(
+        min(a1, b1) - max(a0, b0) > share * min(a1 - a0, b1 - b0)
+        for (a0, a1), (b0, b1) in itertools.pairwise(spans)
+    )
 
 
 def _facings_by_width(row: _Row, s: Slot, run: _Run, ctx: _Ctx) -> int:

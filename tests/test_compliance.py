@@ -421,6 +421,25 @@ def test_a_stray_box_below_the_bottom_shelf_does_not_take_its_place():
     only(check_bay(taller, BAY))
 
 
+def test_one_facing_split_into_two_overlapping_boxes_is_one_facing():
+    obs = photograph(BAY, as_planned(BAY))
+    i = obs.sku_id.index("H")  # the first of H's two facings
+    x0, y0, x1, y1 = obs.xyxy[i]
+    w = x1 - x0
+    xyxy = obs.xyxy.copy()
+    xyxy[i] = [x0, y0, x0 + 0.62 * w, y1]  # the detector saw it as two narrower, overlapping boxes
+    split = ShelfObservation(
+        xyxy=np.vstack([xyxy, [[x1 - 0.62 * w, y0, x1, y1]]]),
+        confidence=np.append(obs.confidence, 0.9),
+        sku_id=[*obs.sku_id, "H"],
+        sku_prob=np.append(obs.sku_prob, 1.0),
+        image_size=obs.image_size,
+    )
+    res = check_bay(split, BAY)
+    only(res)
+    assert {s.planned_sku: s.facings_found for s in res.slots}["H"] == 2
+
+
 def test_pack_sizes_from_the_catalogue_tell_size_variants_apart():
     # Every facing of G (60 x 150 mm packs) is read as its smaller sibling G-small first.
     probs = {"G": [("G-small", 0.6), ("G", 0.4)]}
