@@ -73,6 +73,14 @@ def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Let
     return out, Letterbox(r, left, top)
 
 
+def detector_input(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
+    """The detector's input tensor for a frame: letterboxed to `size` (h, w), RGB, NCHW, 0..1 float32.
+    The int8 calibration (`retrain.quantize`) feeds exactly this."""
+    boxed, lb = letterbox(as_bgr(image), size)
+    # BGR -> RGB, HWC -> NCHW and 0..1 in one pass (half the time of the numpy chain, same values).
+    return cv2.dnn.blobFromImage(boxed, 1 / 255.0, swapRB=True), lb
+
+
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Greedy non-maximum suppression; returns kept indices, best first."""
     order = np.argsort(-scores, kind="stable")
@@ -113,9 +121,7 @@ class ProductDetector:
         self.max_detections = max_detections
 
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, Letterbox]:
-        boxed, lb = letterbox(as_bgr(image), self.input_size)
-        # BGR -> RGB, HWC -> NCHW and 0..1 in one pass (half the time of the numpy chain, same values).
-        return cv2.dnn.blobFromImage(boxed, 1 / 255.0, swapRB=True), lb
+        return detector_input(image, self.input_size)
 
     def postprocess(self, output: np.ndarray, lb: Letterbox, image_shape: tuple[int, ...]) -> Detections:
         if output.ndim != 3 or output.shape[1] < 5:

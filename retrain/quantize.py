@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from models.detector import letterbox
+from models.detector import detector_input
 
 STORAGE = "qdq-int8"
 CALIBRATION_PERCENTILE = 99.99
@@ -42,8 +42,7 @@ def _blobs(images: list[Path], size: tuple[int, int]) -> Iterator[np.ndarray]:
         img = cv2.imread(str(path))
         if img is None:
             raise ValueError(f"calibration image {path} does not decode")
-        boxed, _ = letterbox(img, size)
-        yield np.ascontiguousarray(boxed[:, :, ::-1].transpose(2, 0, 1)[None].astype(np.float32) / 255.0)
+        yield detector_input(img, size)[0]
 
 
 def quantize_detector(src: Path, dst: Path, calibration_images: list[Path]) -> dict:
@@ -60,13 +59,9 @@ def quantize_detector(src: Path, dst: Path, calibration_images: list[Path]) -> d
 
     if not calibration_images:
         raise ValueError("int8 quantization needs calibration images (shelf and checkout photos)")
-    model = onnx.load(str(src))
-    name = model.graph.input[0].name
-    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    size = (int(shape[2]), int(shape[3]))
 
     class Photos(CalibrationDataReader):
-        def __init__(self) -> None:
+        def __init__(self, name: str, size: tuple[int, int]) -> None:
             self._it = ({name: b} for b in _blobs(calibration_images, size))
 
         def get_next(self) -> dict | None:
@@ -75,11 +70,14 @@ def quantize_detector(src: Path, dst: Path, calibration_images: list[Path]) -> d
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared))
-        excluded = _head_decode_nodes(onnx.load(str(prepared)).graph)
+        graph = onnx.load(str(prepared)).graph
+        excluded = _head_decode_nodes(graph)
+        shape = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+        photos = Photos(graph.input[0].name, (int(shape[2]), int(shape[3])))
         quantize_static(
             str(prepared),
             str(dst),
-            Photos(),
+            photos,
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
