@@ -14,10 +14,12 @@ from models.bundle import sign_bundle
 from models.evaluate import build_gallery, embed_paths, image_folder
 from models.gallery import Gallery, fit_temperature
 from models.recognizer import SkuEmbedder, model_fingerprint
-from retrain.compact import compact_weights
+from retrain.compact import STORAGES, compact_weights
 from retrain.quantize import STORAGE as QDQ_INT8
 from retrain.quantize import quantize_detector
 
+RECOGNIZER_STORAGES = (*STORAGES, "float32")
+DETECTOR_STORAGES = (*RECOGNIZER_STORAGES, QDQ_INT8)
 CALIBRATION_PHOTOS = 40
 """Shelf photos (and half as many checkout photos) of the calibration world that set the int8 detector's
 activation ranges."""
@@ -87,7 +89,7 @@ def assemble_model_bundle(
     det_src = Path(detector_dir) / "detector.onnx"
     if detector_storage == QDQ_INT8:
         if calibration_world is None:
-            raise ValueError("int8 detector compute needs a calibration world (its shelf photos)")
+            raise ValueError("int8 detector compute needs a calibration world (its photos calibrate it)")
         world = Path(calibration_world)
         photos = sorted((world / "shelf" / "images").rglob("*.jpg"))[:CALIBRATION_PHOTOS]
         photos += sorted((world / "checkout" / "images").rglob("*.jpg"))[: CALIBRATION_PHOTOS // 2]

@@ -390,13 +390,15 @@ def retrain_bundle(
 ) -> None:
     """Assemble a signed model bundle (detector + recognizer ONNX, calibration, training record). Weights
     are stored compactly (int8 detector, float16 recognizer by default) and run in fp32 on the device."""
-    from retrain.bundle import assemble_model_bundle
+    from retrain.bundle import DETECTOR_STORAGES, QDQ_INT8, RECOGNIZER_STORAGES, assemble_model_bundle
 
-    if detector_storage not in ("int8", "float16", "float32", "qdq-int8"):
-        _fail(f"detector storage must be int8, float16, float32 or qdq-int8, not {detector_storage!r}")
-    if recognizer_storage not in ("int8", "float16", "float32"):
-        _fail(f"recognizer storage must be int8, float16 or float32, not {recognizer_storage!r}")
-    if detector_storage == "qdq-int8" and calibration_world is None:
+    for kind, storage, allowed in (
+        ("detector", detector_storage, DETECTOR_STORAGES),
+        ("recognizer", recognizer_storage, RECOGNIZER_STORAGES),
+    ):
+        if storage not in allowed:
+            _fail(f"{kind} storage must be one of {', '.join(allowed)}, not {storage!r}")
+    if detector_storage == QDQ_INT8 and calibration_world is None:
         _fail("--detector-storage qdq-int8 needs --calibration-world (its photos calibrate int8)")
     m = assemble_model_bundle(
         detector,
