@@ -369,13 +369,19 @@ def test_one_box_over_two_facings_still_counts_both():
     assert next(s for s in res.slots if s.planned_sku == "C").facings_found == 3
 
 
-def _with_boxes(obs: ShelfObservation, extra: list[tuple[list[float], str | None]]) -> ShelfObservation:
+def _with_boxes(
+    obs: ShelfObservation,
+    extra: list[tuple[list[float], str | None]],
+    confidence: float = 0.5,
+    prob: float = 0.9,
+    image_size: tuple[int, int] | None = None,
+) -> ShelfObservation:
     return ShelfObservation(
         xyxy=np.vstack([obs.xyxy, np.array([b for b, _ in extra], dtype=float).reshape(-1, 4)]),
-        confidence=np.concatenate([obs.confidence, np.full(len(extra), 0.5)]),
+        confidence=np.concatenate([obs.confidence, np.full(len(extra), confidence)]),
         sku_id=[*obs.sku_id, *(s for _, s in extra)],
-        sku_prob=np.concatenate([obs.sku_prob, np.full(len(extra), 0.9)]),
-        image_size=obs.image_size,
+        sku_prob=np.concatenate([obs.sku_prob, np.full(len(extra), prob)]),
+        image_size=image_size or obs.image_size,
     )
 
 
@@ -411,14 +417,8 @@ def test_a_stray_box_below_the_bottom_shelf_does_not_take_its_place():
     x0, y0, x1, y1 = obs.xyxy[i]
     # A loose, confident-looking box over that facing, reaching 0.4 shelf pitches below its shelf edge.
     stray = [x0 - 4, y0 + 5, x1 + 6, y1 + 0.4 * pitch]
-    taller = ShelfObservation(
-        xyxy=np.vstack([obs.xyxy, [stray]]),
-        confidence=np.append(obs.confidence, 0.3),
-        sku_id=[*obs.sku_id, "I"],
-        sku_prob=np.append(obs.sku_prob, 1.0),
-        image_size=(obs.image_size[0], int(obs.image_size[1] + pitch)),
-    )
-    only(check_bay(taller, BAY))
+    size = (obs.image_size[0], int(obs.image_size[1] + pitch))
+    only(check_bay(_with_boxes(obs, [(stray, "I")], confidence=0.3, prob=1.0, image_size=size), BAY))
 
 
 def test_one_facing_split_into_two_overlapping_boxes_is_one_facing():
