@@ -1256,9 +1256,12 @@ def check_bay(
         if obs.shelf_lines is not None and len(obs.shelf_lines)
         else _cluster_rows(obs.xyxy)
     )
-    parts = _fragments(obs, ctx)
-    if parts:  # a part of a facing is neither a facing of its own nor a detection to report
-        groups = [(kept, y) for idx, y in groups if (kept := [i for i in idx if i not in parts])]
+    # A part of a facing, or a box merged over facings that have boxes of their own, is neither a facing
+    # of its own nor a detection to report.
+    parts = set(_fragments(obs, ctx))
+    redundant = parts | _merged_duplicates(obs, parts)
+    if redundant:
+        groups = [(kept, y) for idx, y in groups if (kept := [i for i in idx if i not in redundant])]
     v_scale = _map_rows(groups, rows, ctx, bay, img_h)
     n_fitted = _register(rows, groups, ctx, bay, v_scale)
     if n_fitted == 0:
@@ -1426,6 +1429,16 @@ def _best_other_bay(
     return best[1] if best else None
 
 
+def _pairwise(xyxy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Widths, heights, and for every pair of boxes their horizontal and vertical overlaps (negative:
+    the space between them)."""
+    w = xyxy[:, 2] - xyxy[:, 0]
+    h = xyxy[:, 3] - xyxy[:, 1]
+    ox = np.minimum(xyxy[:, None, 2], xyxy[None, :, 2]) - np.maximum(xyxy[:, None, 0], xyxy[None, :, 0])
+    oy = np.minimum(xyxy[:, None, 3], xyxy[None, :, 3]) - np.maximum(xyxy[:, None, 1], xyxy[None, :, 1])
+    return w, h, ox, oy
+
+
 def _fragments(obs: ShelfObservation, ctx: _Ctx) -> dict[int, int]:
     """Boxes that cover only part of another box's facing -> that box.
 
@@ -1434,19 +1447,17 @@ def _fragments(obs: ShelfObservation, ctx: _Ctx) -> dict[int, int]:
     recognizer often cannot name it, and as a box of its own it would split a block of facings or count
     one facing twice. A product stacked on another is not a part (it stands above it), nor is a facing
     inside a box merged over several (the whole must be about one facing wide) or inside a loose box that
-    reaches well below the shelf edge (a whole stands on the edge its parts stand on).
+    reaches well below the shelf edge: a whole ends at most a little below its part, unless it stands on
+    the edge its neighbours stand on (then the part is a box over its top).
     """
     xyxy = obs.xyxy
-    w = xyxy[:, 2] - xyxy[:, 0]
-    h = xyxy[:, 3] - xyxy[:, 1]
-    ox = np.minimum(xyxy[:, None, 2], xyxy[None, :, 2]) - np.maximum(xyxy[:, None, 0], xyxy[None, :, 0])
-    oy = np.minimum(xyxy[:, None, 3], xyxy[None, :, 3]) - np.maximum(xyxy[:, None, 1], xyxy[None, :, 1])
+    w, h, ox, oy = _pairwise(xyxy)
     whole = (  # whole[i, j]: box j could be the whole facing box i is a part of
         (h[None, :] * _PART_MAX_HEIGHT >= h[:, None])
         & (w[None, :] <= _WHOLE_MAX_WIDTH * w[:, None])
         & (ox >= _PART_MIN_INSIDE * w[:, None])
         & (oy >= _PART_MIN_INSIDE * h[:, None])
-        & (xyxy[None, :, 3] - xyxy[:, None, 3] <= _OVERHANG * h[None, :])
+        & ((xyxy[None, :, 3] - xyxy[:, None, 3] <= _OVERHANG * h[None, :]) | _on_shelf_edge(xyxy)[None, :])
     )
     parts: dict[int, int] = {}
     for i in sorted(map(int, np.flatnonzero(whole.any(1))), key=lambda i: h[i]):  # a part's whole is taller
@@ -1457,13 +1468,81 @@ def _fragments(obs: ShelfObservation, ctx: _Ctx) -> dict[int, int]:
         parts[i] = j
         if ctx.skus[j] is None and ctx.skus[i] is not None:  # the whole takes the name the part was given
             ctx.skus[j], ctx.probs[j] = ctx.skus[i], ctx.probs[i]
+    # A facing boxed as two overlapping pieces, one named and one the recognizer cannot name: the unnamed
+    # piece is part of the named one (as a run of its own it would cut its block in two).
+    named = np.array([s is not None for s in ctx.skus])
+    span = np.maximum(xyxy[:, None, 2], xyxy[None, :, 2]) - np.minimum(xyxy[:, None, 0], xyxy[None, :, 0])
+    piece = (  # piece[i, j]: unnamed box i is the rest of named box j's facing
+        ~named[:, None]
+        & named[None, :]
+        & (w[:, None] <= w[None, :])
+        & (ox >= _PIECE_MIN_OVERLAP * w[:, None])
+        & (oy >= _PART_MIN_INSIDE * np.maximum(h[:, None], h[None, :]))
+        & (span <= _WHOLE_MAX_WIDTH * w[None, :])
+    )
+    for i in map(int, np.flatnonzero(piece.any(1))):
+        if i not in parts and (cands := [int(j) for j in np.flatnonzero(piece[i]) if int(j) not in parts]):
+            parts[i] = max(cands, key=lambda j: ox[i, j])
     return parts
 
+
+def _on_shelf_edge(xyxy: np.ndarray) -> np.ndarray:
+    """Boxes that stand on the edge a neighbouring facing stands on: a box beside it, about as tall, ends
+    at the same height. Such a box is a whole facing even where a part of it ends higher up (a box over
+    its top); a loose box reaching below the shelf edge has no such neighbour."""
+    w, h, ox, _ = _pairwise(xyxy)
+    beside = (
+        (ox <= 0.5 * np.minimum(w[:, None], w[None, :]))
+        & (-ox <= _NEIGHBOUR_GAP * w[:, None])  # -ox: the space between the two boxes
+        & (np.abs(np.log(np.maximum(h[None, :], 1e-6) / np.maximum(h[:, None], 1e-6))) <= _SIMILAR_HEIGHT)
+        & (np.abs(xyxy[:, None, 3] - xyxy[None, :, 3]) <= _SAME_EDGE * h[:, None])
+    )
+    np.fill_diagonal(beside, False)
+    return beside.any(1)
+
+
+_NEIGHBOUR_GAP = 1.0  # a neighbour stands at most this many of the box's widths away, ...
+_SIMILAR_HEIGHT = math.log(1.4)  # ... is as tall within this log-ratio ...
+_SAME_EDGE = 0.06  # ... and ends within this share of the box's height of the same line
+
+
+def _merged_duplicates(obs: ShelfObservation, parts: set[int]) -> set[int]:
+    """Boxes merged over two or more facings that the detector also boxed one by one (`parts`, folded
+    into their facings already, count as neither).
+
+    The merged box says nothing the single boxes do not, and as a run of its own (the recognizer cannot
+    name a crop of several facings) it would cut their block in two and hide a facing from the count.
+    """
+    xyxy = obs.xyxy
+    w, h, ox, oy = _pairwise(xyxy)
+    inside = (  # inside[j, i]: box i is one whole facing of those box j spans
+        (ox >= _MERGED_MIN_INSIDE * w[None, :])
+        & (oy >= _MERGED_MIN_INSIDE * h[:, None])
+        & (w[None, :] <= _MERGED_MAX_SHARE * w[:, None])
+    )
+    np.fill_diagonal(inside, False)
+    if parts:
+        folded = np.array(sorted(parts))
+        inside[folded, :] = False
+        inside[:, folded] = False
+    merged: set[int] = set()
+    for j in map(int, np.flatnonzero(inside.sum(1) >= 2)):
+        spans = sorted((float(xyxy[i, 0]), float(xyxy[i, 2])) for i in np.flatnonzero(inside[j]))
+        if _interval_coverage(float(xyxy[j, 0]), float(xyxy[j, 2]), spans) >= _MERGED_COVERED * w[j]:
+            merged.add(j)
+    return merged
+
+
+_MERGED_MIN_INSIDE = 0.7  # a single facing spans this much of the merged box's height, and this much of
+# its own width lies inside the merged box ...
+_MERGED_MAX_SHARE = 0.75  # ... and is at most this share of its width; ...
+_MERGED_COVERED = 0.7  # ... the single boxes cover this share of the merged box's width
 
 _PART_MAX_HEIGHT = 0.85  # a part is at most this share of its whole's height ...
 _PART_MIN_INSIDE = 0.6  # ... with this share of its width and height inside the whole ...
 _WHOLE_MAX_WIDTH = 1.6  # ... which is at most this many times as wide as the part ...
 _OVERHANG = 0.15  # ... and reaches below it by at most this share of its own height
+_PIECE_MIN_OVERLAP = 0.4  # an unnamed piece lies this much of its width over the named one
 
 
 def _count_facings(obs: ShelfObservation, boxes: list[int]) -> int:

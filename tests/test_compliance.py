@@ -385,6 +385,18 @@ def _with_boxes(
     )
 
 
+def _c_facings(obs: ShelfObservation) -> list[np.ndarray]:
+    """The boxes of C's three facings, left to right (the observation's own arrays: edits stick)."""
+    return [obs.xyxy[k] for k, s in enumerate(obs.sku_id) if s == "C"]
+
+
+def _three_c_facings_and_nothing_unplanned(obs: ShelfObservation) -> None:
+    res = check_bay(obs, BAY)
+    only(res)
+    assert {s.planned_sku: s.facings_found for s in res.slots}["C"] == 3
+    assert res.unplanned == []
+
+
 def test_a_box_over_part_of_a_facing_is_neither_a_facing_nor_a_detection():
     obs = photograph(BAY, as_planned(BAY))
     extra = []
@@ -392,10 +404,30 @@ def test_a_box_over_part_of_a_facing_is_neither_a_facing_nor_a_detection():
         i = [k for k, s in enumerate(obs.sku_id) if s == sku][0 if sku == "C" else -1]
         x0, y0, x1, y1 = obs.xyxy[i]
         extra.append(([x0 - 3, (y0 + y1) / 2, x1 - 2, y1 - 1], None if sku == "C" else sku))
-    res = check_bay(_with_boxes(obs, extra), BAY)
-    only(res)
-    assert {s.planned_sku: s.facings_found for s in res.slots}["C"] == 3
-    assert res.unplanned == []
+    _three_c_facings_and_nothing_unplanned(_with_boxes(obs, extra))
+
+
+def test_a_box_over_the_upper_part_of_a_facing_is_a_part_of_it():
+    obs = photograph(BAY, as_planned(BAY))
+    x0, y0, x1, y1 = _c_facings(obs)[1]
+    upper = [x0 + 2, y0 + 1, x1 - 3, y0 + 0.82 * (y1 - y0)]  # unnamed; its whole reaches well below it
+    _three_c_facings_and_nothing_unplanned(_with_boxes(obs, [(upper, None)]))
+
+
+def test_a_box_merged_over_facings_that_have_boxes_of_their_own_does_not_split_them():
+    obs = photograph(BAY, as_planned(BAY))
+    _, second, third = _c_facings(obs)
+    merged = [second[0] + 4, second[1] - 3, third[2] + 2, third[3] + 1]  # no SKU fits a crop of two
+    _three_c_facings_and_nothing_unplanned(_with_boxes(obs, [(merged, None)]))
+
+
+def test_a_facing_boxed_as_a_named_and_an_unnamed_piece_is_one_facing():
+    obs = photograph(BAY, as_planned(BAY))
+    middle = _c_facings(obs)[1]
+    x0, y0, x1, y1 = middle.copy()
+    w = x1 - x0
+    middle[2] = x0 + 0.7 * w  # the named piece; the rest the recognizer cannot name
+    _three_c_facings_and_nothing_unplanned(_with_boxes(obs, [([x0 + 0.45 * w, y0 + 1, x1, y1 - 1], None)]))
 
 
 def test_a_product_stacked_on_a_facing_is_not_a_part_of_it():
