@@ -1002,10 +1002,11 @@ def _weigh_pack_sizes(row: _Row, idx: list[int], ctx: _Ctx) -> None:
         if not scale > 0:
             continue
         w, h = (x2 - x1) / scale, (y2 - y1) / scale
+        # Robust: a box cut short (a piece, an occluded pack) misleads, so size alone never decides.
         like = {
-            s: math.exp(-0.5 * (math.log(w / pw) ** 2 + math.log(h / ph) ** 2) / sigma**2)
+            s: _SIZE_OUTLIER + (1 - _SIZE_OUTLIER) * math.exp(-0.5 * (log_w**2 + log_h**2) / sigma**2)
             for s in sized
-            for pw, ph in [ctx.pack_mm[s]]
+            for log_w, log_h in [(math.log(w / ctx.pack_mm[s][0]), math.log(h / ctx.pack_mm[s][1]))]
         }
         mass = sum(probs[s] for s in sized)
         weighed = {s: probs[s] * like[s] for s in sized}
@@ -1016,6 +1017,9 @@ def _weigh_pack_sizes(row: _Row, idx: list[int], ctx: _Ctx) -> None:
             probs[s] = mass * weighed[s] / total
         if ctx.skus[i] is not None:
             ctx.skus[i] = max(probs, key=lambda s: probs[s])
+
+
+_SIZE_OUTLIER = 0.02  # the share of boxes whose size says nothing of their pack
 
 
 def _solve_row(row: _Row, idx: list[int], ctx: _Ctx, bay: Bay) -> tuple[list[int], list[int]]:

@@ -484,6 +484,17 @@ def test_pack_sizes_from_the_catalogue_tell_size_variants_apart():
     assert next(s for s in sized.slots if s.planned_sku == "G").found_sku == "G"
 
 
+def test_size_alone_does_not_rename_a_pack_the_recognizer_is_sure_of():
+    # G's boxes are half its catalogue size (pieces, occlusion) and just the size of a pack the recognizer
+    # all but ruled out: the size weighs in, it does not decide.
+    probs = {"G": [("G", 0.999), ("G-small", 0.001)]}
+    sizes = {"G": SkuInfo(brand="b", category="c", width_mm=2 * UNIT, height_mm=2 * HEIGHT)}
+    sizes["G-small"] = SkuInfo(brand="b", category="c", width_mm=UNIT, height_mm=HEIGHT)
+    res = check_bay(photograph(BAY, as_planned(BAY), probs=probs), BAY, catalogue=sizes)
+    only(res)
+    assert next(s for s in res.slots if s.planned_sku == "G").found_sku == "G"
+
+
 def test_shelf_lines_given_and_a_visibly_empty_shelf():
     real = as_planned(BAY)
     real[1] = [Gap(sum(s.width_mm for s in BAY.rows[1].slots))]
