@@ -51,20 +51,27 @@ def as_bgr(image: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Letterbox:
-    """How a frame was fitted into the square network input: enough to map boxes back."""
+    """How a frame was fitted into the network input: enough to map boxes back."""
 
     scale: float
     pad_x: float
     pad_y: float
 
 
-def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
-    """Resize keeping the aspect ratio and pad to `size` (h, w), centred, as Ultralytics' LetterBox does."""
+def letterbox(
+    image: np.ndarray, size: tuple[int, int], stride: int | None = None
+) -> tuple[np.ndarray, Letterbox]:
+    """Resize keeping the aspect ratio to fit `size` (h, w) and pad, centred, as Ultralytics' LetterBox
+    does: to `size` itself, or with `stride` only up to the next multiple of it (a model with dynamic
+    input then skips the padding's compute: a 4:3 frame needs three quarters of the square)."""
     h, w = image.shape[:2]
     th, tw = size
     r = min(th / h, tw / w)
     new_w, new_h = round(w * r), round(h * r)
-    dw, dh = (tw - new_w) / 2, (th - new_h) / 2
+    dw, dh = tw - new_w, th - new_h
+    if stride:
+        dw, dh = dw % stride, dh % stride
+    dw, dh = dw / 2, dh / 2
     if (w, h) != (new_w, new_h):
         image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     top, bottom = round(dh - 0.1), round(dh + 0.1)
@@ -73,10 +80,12 @@ def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Let
     return out, Letterbox(r, left, top)
 
 
-def detector_input(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, Letterbox]:
-    """The detector's input tensor for a frame: letterboxed to `size` (h, w), RGB, NCHW, 0..1 float32.
-    The int8 calibration (`retrain.quantize`) feeds exactly this."""
-    boxed, lb = letterbox(as_bgr(image), size)
+def detector_input(
+    image: np.ndarray, size: tuple[int, int], stride: int | None = None
+) -> tuple[np.ndarray, Letterbox]:
+    """The detector's input tensor for a frame: letterboxed to `size` (h, w), or within it to a multiple
+    of `stride`, RGB, NCHW, 0..1 float32. The int8 calibration (`retrain.quantize`) feeds exactly this."""
+    boxed, lb = letterbox(as_bgr(image), size, stride)
     # BGR -> RGB, HWC -> NCHW and 0..1 in one pass (half the time of the numpy chain, same values).
     return cv2.dnn.blobFromImage(boxed, 1 / 255.0, swapRB=True), lb
 
@@ -101,8 +110,17 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
+STRIDE = 32
+"""The YOLO heads' largest stride: a dynamic-input detector takes any multiple of it."""
+
+
 class ProductDetector:
-    """Finds every product facing in a frame, whatever its SKU."""
+    """Finds every product facing in a frame, whatever its SKU.
+
+    A model exported with a static input gets every frame padded to that square; one with dynamic height
+    and width gets frames fitted into `max_size` (the size it was trained at) and padded only to a
+    multiple of the stride, as Ultralytics feeds its own PyTorch models.
+    """
 
     def __init__(
         self,
@@ -110,18 +128,28 @@ class ProductDetector:
         conf_threshold: float = 0.25,
         iou_threshold: float = 0.7,
         max_detections: int = 300,
+        max_size: tuple[int, int] | None = None,
     ) -> None:
         self.backend = backend
         shape = backend.inputs[0].shape
-        if len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
-            raise ModelError(f"detector input must be a static NCHW shape, got {shape}")
-        self.input_size = (int(shape[2]), int(shape[3]))
+        if len(shape) != 4:
+            raise ModelError(f"detector input must be NCHW, got {shape}")
+        static = all(isinstance(d, int) and d > 0 for d in shape[2:])
+        if static:
+            self.input_size = (int(shape[2]), int(shape[3]))
+        elif max_size is None:
+            raise ModelError(f"detector input {shape} has a dynamic size: give the size it was trained at")
+        elif any(d % STRIDE for d in max_size):
+            raise ModelError(f"detector input size {max_size} is not a multiple of the stride {STRIDE}")
+        else:
+            self.input_size = (int(max_size[0]), int(max_size[1]))
+        self.stride = None if static else STRIDE
         self.conf_threshold = conf_threshold
         self.iou_threshold = iou_threshold
         self.max_detections = max_detections
 
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, Letterbox]:
-        return detector_input(image, self.input_size)
+        return detector_input(image, self.input_size, self.stride)
 
     def postprocess(self, output: np.ndarray, lb: Letterbox, image_shape: tuple[int, ...]) -> Detections:
         if output.ndim != 3 or output.shape[1] < 5:

@@ -57,9 +57,17 @@ def load_model_bundle(
         det_spec, rec_spec = m["detector"], m["recognizer"]
     except KeyError as exc:
         raise BundleError(f"model bundle {path} lacks the {exc.args[0]!r} section") from exc
-    det_backend = create_backend(backend, verified.file(det_spec["file"]), **backend_options)
+    # The largest (training) input, NCHW: what a dynamic-input detector's frames are fitted into.
+    det_input = tuple(int(d) for d in det_spec["input"]) if "input" in det_spec else None
+    det_options = dict(backend_options)
+    if backend == "tensorrt" and det_input is not None:
+        det_options["input_shape"] = det_input
+    det_backend = create_backend(backend, verified.file(det_spec["file"]), **det_options)
     detector = ProductDetector(
-        det_backend, det_spec.get("conf_threshold", 0.25), det_spec.get("iou_threshold", 0.7)
+        det_backend,
+        det_spec.get("conf_threshold", 0.25),
+        det_spec.get("iou_threshold", 0.7),
+        max_size=None if det_input is None else (det_input[2], det_input[3]),
     )
     rec_file = verified.file(rec_spec["file"])
     # TensorRT engines are built per input shape; the recognizer keeps ONNX Runtime unless told otherwise.

@@ -87,13 +87,16 @@ def assemble_model_bundle(
         shutil.rmtree(out)
     out.mkdir(parents=True)
     det_src = Path(detector_dir) / "detector.onnx"
+    det_report = json.loads((Path(detector_dir) / "train_report.json").read_text())
     if detector_storage == QDQ_INT8:
         if calibration_world is None:
             raise ValueError("int8 detector compute needs a calibration world (its photos calibrate it)")
         world = Path(calibration_world)
         photos = sorted((world / "shelf" / "images").rglob("*.jpg"))[:CALIBRATION_PHOTOS]
         photos += sorted((world / "checkout" / "images").rglob("*.jpg"))[: CALIBRATION_PHOTOS // 2]
-        det_weights = quantize_detector(det_src, out / "detector.onnx", photos)
+        det_weights = quantize_detector(
+            det_src, out / "detector.onnx", photos, tuple(det_report["input"][2:])
+        )
     else:
         det_weights = _place(det_src, out / "detector.onnx", detector_storage)
     weights = {
@@ -102,7 +105,6 @@ def assemble_model_bundle(
             Path(recognizer_dir) / "recognizer.onnx", out / "recognizer.onnx", recognizer_storage
         ),
     }
-    det_report = json.loads((Path(detector_dir) / "train_report.json").read_text())
     rec_report = json.loads((Path(recognizer_dir) / "recognizer_report.json").read_text())
     embedder = SkuEmbedder(create_backend("onnxruntime", out / "recognizer.onnx"))
     calibration = {"temperature": 0.05, "unknown_threshold": 1.0, "fitted_on": None}

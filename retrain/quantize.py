@@ -45,8 +45,15 @@ def _blobs(images: list[Path], size: tuple[int, int]) -> Iterator[np.ndarray]:
         yield detector_input(img, size)[0]
 
 
-def quantize_detector(src: Path, dst: Path, calibration_images: list[Path]) -> dict:
-    """Write the int8 (QDQ) form of detector `src` to `dst`; returns what was done, for the manifest."""
+def quantize_detector(
+    src: Path, dst: Path, calibration_images: list[Path], max_size: tuple[int, int] | None = None
+) -> dict:
+    """Write the int8 (QDQ) form of detector `src` to `dst`; returns what was done, for the manifest.
+
+    The calibration photos go in padded to the model's static input or, for a dynamic one, to the square
+    `max_size` it was trained at: ONNX Runtime's calibrators stack every batch into one array, so all
+    must share a shape, and the grey padding moves no activation range the device's stride-padded frames
+    would not."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -67,13 +74,18 @@ def quantize_detector(src: Path, dst: Path, calibration_images: list[Path]) -> d
         def get_next(self) -> dict | None:
             return next(self._it, None)
 
+    model_input = onnx.load(str(src), load_external_data=False).graph.input[0]
+    shape = [d.dim_value for d in model_input.type.tensor_type.shape.dim]  # 0: dynamic
+    dynamic = not (shape[2] > 0 and shape[3] > 0)
+    if dynamic and max_size is None:
+        raise ValueError(f"{src.name} takes inputs of any size: give the size it was trained at")
+    photos = Photos(model_input.name, max_size if dynamic else (shape[2], shape[3]))
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(src), str(prepared))
+        # Symbolic shape inference cannot follow the head's reshapes through a free height and width.
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=dynamic)
         graph = onnx.load(str(prepared)).graph
         excluded = _head_decode_nodes(graph)
-        shape = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
-        photos = Photos(graph.input[0].name, (int(shape[2]), int(shape[3])))
         quantize_static(
             str(prepared),
             str(dst),

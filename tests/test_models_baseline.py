@@ -171,17 +171,21 @@ def test_detector_quantized_to_int8_finds_the_same_boxes(bundle, small_world, tm
     size = bundle.detector.input_size[0]
     shutil.copyfile(pt, tmp_path / "detector.pt")  # the export is written beside the weights
     yolo = ultra.YOLO(str(tmp_path / "detector.pt"))
-    fp32 = Path(yolo.export(format="onnx", imgsz=size, opset=17, simplify=False, dynamic=False))
+    fp32 = Path(yolo.export(format="onnx", imgsz=size, opset=17, simplify=False, dynamic=True))
     photos = sorted((small_world / "shelf" / "images").rglob("*.jpg"))
-    info = quantize_detector(fp32, tmp_path / "int8.onnx", photos[:8])
+    with pytest.raises(ValueError, match="the size it was trained at"):
+        quantize_detector(fp32, tmp_path / "int8.onnx", photos[:8])
+    info = quantize_detector(fp32, tmp_path / "int8.onnx", photos[:8], (size, size))
     assert info["storage"] == "qdq-int8" and info["calibration_images"] == len(photos[:8])
 
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    ref = ProductDetector(create_backend("onnxruntime", fp32), conf_threshold=0.2)
-    int8 = ProductDetector(create_backend("onnxruntime", tmp_path / "int8.onnx"), conf_threshold=0.2)
+    ref = ProductDetector(create_backend("onnxruntime", fp32), conf_threshold=0.2, max_size=(size, size))
+    int8 = ProductDetector(
+        create_backend("onnxruntime", tmp_path / "int8.onnx"), conf_threshold=0.2, max_size=(size, size)
+    )
     matched, boxes = 0.0, 0
     for path in _frames(small_world):
         img = cv2.imread(str(path))

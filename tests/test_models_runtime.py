@@ -31,8 +31,7 @@ def _save(model, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def fake_detector_onnx(tmp_path_factory) -> Path:
+def _fake_detector(path: Path, input_dims: list) -> Path:
     """A graph with the YOLO head layout [1, 5, anchors] whose output is a constant set of boxes."""
     anchors = np.zeros((1, 5, 6), np.float32)
     # cx, cy, w, h, score for 6 anchors in 64x64 input pixels: two overlapping, one weak.
@@ -43,7 +42,7 @@ def fake_detector_onnx(tmp_path_factory) -> Path:
     anchors[0, :, 4] = [30, 6, 10, 8, 0.6]  # wholly inside the letterbox padding of a wide frame
     anchors[0, :, 5] = [50, 13.2, 10, 6.4, 0.55]  # 0.4 px into the frame: a 1.6 px sliver once clipped
     const = helper.make_tensor("boxes", TensorProto.FLOAT, anchors.shape, anchors.ravel())
-    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, input_dims)
     y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 5, 6])
     nodes = [
         helper.make_node("ReduceSum", ["images"], ["s"], keepdims=0),
@@ -52,7 +51,17 @@ def fake_detector_onnx(tmp_path_factory) -> Path:
     ]
     zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
     graph = helper.make_graph(nodes, "fake-detector", [x], [y], initializer=[const, zero])
-    return _save(helper.make_model(graph), tmp_path_factory.mktemp("onnx") / "det.onnx")
+    return _save(helper.make_model(graph), path)
+
+
+@pytest.fixture(scope="module")
+def fake_detector_onnx(tmp_path_factory) -> Path:
+    return _fake_detector(tmp_path_factory.mktemp("onnx") / "det.onnx", [1, 3, 64, 64])
+
+
+@pytest.fixture(scope="module")
+def fake_dynamic_detector_onnx(tmp_path_factory) -> Path:
+    return _fake_detector(tmp_path_factory.mktemp("onnx") / "det-dyn.onnx", [1, 3, "height", "width"])
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +127,23 @@ def test_detector_decodes_suppresses_and_rescales(fake_detector_onnx):
     # anchor 0: (15..25, 15..25) in input px -> minus pad y 16, times 4
     assert out.xyxy[0].tolist() == pytest.approx([60, 0, 100, 36])
     assert out.xyxy[1].tolist() == pytest.approx([156, 56, 204, 128])  # clipped to the frame
+
+
+def test_a_detector_with_dynamic_input_is_fed_frames_padded_only_to_the_stride(fake_dynamic_detector_onnx):
+    backend = create_backend("onnxruntime", fake_dynamic_detector_onnx)
+    with pytest.raises(ModelError, match="dynamic size"):
+        ProductDetector(backend)
+    with pytest.raises(ModelError, match="not a multiple of the stride"):
+        ProductDetector(backend, max_size=(60, 64))
+    det = ProductDetector(backend, conf_threshold=0.25, max_size=(64, 64))
+    frame = np.full((128, 256, 3), 90, np.uint8)
+    blob, lb = det.preprocess(frame)
+    assert blob.shape == (1, 3, 32, 64) and lb.pad_y == 0  # the square would add 32 rows of padding
+    out = det(frame)
+    # The same constant head as above, now with no padding to subtract: what was padding is frame.
+    assert out.confidence.tolist() == pytest.approx([0.9, 0.7, 0.6, 0.55])
+    assert out.xyxy[0].tolist() == pytest.approx([60, 60, 100, 100])
+    assert out.xyxy[1].tolist() == pytest.approx([156, 120, 204, 128])
 
 
 @pytest.mark.parametrize(

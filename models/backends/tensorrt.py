@@ -54,11 +54,20 @@ def gpu_fingerprint(cudart) -> str:
     return f"{name.strip()}-sm{props.major}{props.minor}"
 
 
-def engine_cache_path(onnx_path: Path, cache_dir: Path, precision: str, trt_version: str, gpu: str) -> Path:
-    """Engines are only valid for one TensorRT version on one GPU model: all of it goes into the key."""
+def engine_cache_path(
+    onnx_path: Path,
+    cache_dir: Path,
+    precision: str,
+    trt_version: str,
+    gpu: str,
+    input_shape: tuple[int, ...] | None = None,
+) -> Path:
+    """Engines are only valid for one TensorRT version on one GPU model (and, from an ONNX with dynamic
+    inputs, one pinned input shape): all of it goes into the key."""
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:16]
     safe_gpu = "".join(c if c.isalnum() or c in "-_." else "_" for c in gpu)
-    return cache_dir / f"{onnx_path.stem}-{digest}-{precision}-trt{trt_version}-{safe_gpu}.engine"
+    shape = "" if input_shape is None else "-" + "x".join(map(str, input_shape))
+    return cache_dir / f"{onnx_path.stem}-{digest}{shape}-{precision}-trt{trt_version}-{safe_gpu}.engine"
 
 
 def _make_calibrator(trt, cudart, batches: Callable[[], Iterator[np.ndarray]], cache_file: Path):
@@ -104,8 +113,13 @@ def build_engine(
     engine_path: Path,
     precision: str = "fp16",
     calibration: Callable[[], Iterator[np.ndarray]] | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> Path:
-    """Build and serialise an engine from ONNX. INT8 needs a calibration batch iterator (or its cache)."""
+    """Build and serialise an engine from ONNX. INT8 needs a calibration batch iterator (or its cache).
+
+    An ONNX input with dynamic dimensions is pinned to `input_shape` (one optimisation profile, min = opt
+    = max): an engine serves one shape best, and the detector then pads frames to it.
+    """
     trt, cudart = _import_trt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -116,6 +130,17 @@ def build_engine(
         raise ModelError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    dynamic = [network.get_input(i) for i in range(network.num_inputs)]
+    dynamic = [t for t in dynamic if any(d < 0 for d in t.shape)]
+    if dynamic:
+        if input_shape is None:
+            raise ModelError(f"{onnx_path.name} has dynamic input shapes: give the input shape to build for")
+        profile = builder.create_optimization_profile()
+        for t in dynamic:
+            profile.set_shape(t.name, input_shape, input_shape, input_shape)
+        config.add_optimization_profile(profile)
+        if precision == "int8":
+            config.set_calibration_profile(profile)
     if precision in ("fp16", "int8") and builder.platform_has_fast_fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8":
@@ -150,9 +175,15 @@ class _Engine:
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            shape = tuple(self.engine.get_tensor_shape(name))
+            if is_input and any(d < 0 for d in self.engine.get_tensor_shape(name)):
+                # Built for one shape (build_engine's profile): set it, and outputs follow from it.
+                self.context.set_input_shape(name, tuple(self.engine.get_tensor_profile_shape(name, 0)[2]))
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            shape = tuple(self.context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise ModelError(f"{path.name}: dynamic shape on {name}; export the ONNX with static shapes")
+                raise ModelError(f"{path.name}: dynamic shape on {name} that no profile fixes")
             dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
             self.io.append((name, is_input, shape, dtype))
             nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -214,12 +245,14 @@ class TensorRTBackend(InferenceBackend):
         precision: str = "fp16",
         cache_dir: Path | None = None,
         calibration: Callable[[], Iterator[np.ndarray]] | None = None,
+        input_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__(model_path)
         if precision not in ("fp32", "fp16", "int8"):
             raise BackendUnavailable(f"unknown TensorRT precision {precision!r}")
         self.trt, self.cudart = _import_trt()
         self.precision = precision
+        self.input_shape = None if input_shape is None else tuple(int(d) for d in input_shape)
         self.cache_dir = Path(cache_dir or self.model_path.parent / ".engines")
         self._lock = threading.Lock()
         self._builder: threading.Thread | None = None
@@ -228,10 +261,12 @@ class TensorRTBackend(InferenceBackend):
 
     def _engine_for(self, onnx_path: Path, calibration) -> Path:
         gpu = gpu_fingerprint(self.cudart)
-        path = engine_cache_path(onnx_path, self.cache_dir, self.precision, self.trt.__version__, gpu)
+        path = engine_cache_path(
+            onnx_path, self.cache_dir, self.precision, self.trt.__version__, gpu, self.input_shape
+        )
         if not path.exists():
             log.info("building TensorRT %s engine for %s on %s", self.precision, onnx_path.name, gpu)
-            build_engine(onnx_path, path, self.precision, calibration)
+            build_engine(onnx_path, path, self.precision, calibration, self.input_shape)
         return path
 
     def rebuild_in_background(
