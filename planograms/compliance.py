@@ -1575,7 +1575,9 @@ def _label(rows: list[_Row], ctx: _Ctx, bay: Bay) -> dict[tuple[int, int], tuple
         used = set(row.match.values())
         open_slots += [(k, si) for si in range(len(row.slots)) if si not in row.match]
         open_runs += [
-            (k, ri) for ri, r in enumerate(row.runs) if ri not in used and r.sku is not None and not r.gap
+            (k, ri)
+            for ri, r in enumerate(row.runs)
+            if ri not in used and r.sku is not None and not r.gap and not _edge_sliver(r, row, ctx)
         ]
     cands: list[tuple[float, int, int]] = []
     for u, (k, si) in enumerate(open_slots):
@@ -1648,6 +1650,20 @@ def _label(rows: list[_Row], ctx: _Ctx, bay: Bay) -> dict[tuple[int, int], tuple
                 continue
             out[key] = (_empty_or_unverified(row, si, ctx, gaps[k]), [], None)
     return out
+
+
+def _edge_sliver(run: _Run, row: _Row, ctx: _Ctx) -> bool:
+    """A run that is only a narrow sliver cut by the photo's side: most of the pack is out of the photo,
+    so neither its SKU nor its bay (the neighbouring bay starts there) is known well enough to call the
+    SKU found on another shelf or elsewhere in the row."""
+    img_w = float(ctx.obs.image_size[0])
+    xyxy = ctx.obs.xyxy[run.idx]
+    if not (xyxy[:, 0].min() <= 1.0 or xyxy[:, 2].max() >= img_w - 1.0) or not row.boxes:
+        return False
+    return run.x1 - run.x0 < _SLIVER * float(np.median(ctx.width[row.boxes]))
+
+
+_SLIVER = 0.5  # narrower than this share of the row's typical box
 
 
 def _overlapping(obs: ShelfObservation, boxes: list[int], share: float = 0.25) -> bool:

@@ -203,6 +203,17 @@ def test_out_of_stock_is_a_visible_gap_in_the_slots_place():
     assert res.metrics.compliance == pytest.approx(1 - 3 / FACINGS)
 
 
+def test_a_sliver_at_the_photo_edge_does_not_show_an_empty_slots_sku_elsewhere():
+    real = as_planned(BAY)
+    real[0][2] = Gap(slot_width(BAY, 0, 2))
+    obs = photograph(BAY, real, Camera(crop_left_mm=40.0))  # the photo starts inside the bay
+    i = obs.sku_id.index("I")  # the first facing still in the photo on the bottom shelf
+    y0, y1 = obs.xyxy[i, 1], obs.xyxy[i, 3]
+    sliver = [0.0, y0 + 2, 0.2 * (obs.xyxy[i, 2] - obs.xyxy[i, 0]), y1 - 1]  # cut by the photo's side
+    res = check_bay(_with_boxes(obs, [(sliver, "C")], prob=0.9), BAY)
+    assert status(res)[(0, 2)] == OUT_OF_STOCK
+
+
 def test_an_empty_slot_stays_out_of_stock_when_a_look_alike_elsewhere_is_only_half_believed():
     real = as_planned(BAY)
     real[0][2] = Gap(slot_width(BAY, 0, 2))
