@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -12,11 +13,31 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+_EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port for a server that starts a moment later.
+
+    Not one the kernel hands out (`bind(0)`): the kernel may give that same port, in between, to some
+    process's outgoing connection as its ephemeral port, and the server then fails to bind. So the port
+    is drawn outside the ephemeral range (Linux: ip_local_port_range) and checked free.
+    """
+    try:
+        low, high = (int(v) for v in _EPHEMERAL_PORTS.read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # the Linux default
+    span = (10000, low) if low > 11000 else (high + 1, 65536)
+    rng = random.SystemRandom()
+    for _ in range(500):
+        port = rng.randrange(*span)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free loopback port in {span[0]}..{span[1] - 1}")
 
 
 def wait_port(port: int, timeout: float, host: str = "127.0.0.1") -> bool:

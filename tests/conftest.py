@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from shelfloop.broker import free_port
+
 _SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin", "/opt/homebrew/sbin")
 
 
@@ -32,12 +34,6 @@ def find_executable(name: str) -> str | None:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -165,7 +161,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoFac
         workdir = tmp_path_factory.mktemp("mosquitto")
         persistence_dir = workdir / "data"
         persistence_dir.mkdir()
-        port = _free_port()
+        port = free_port()
         lines = [
             f"listener {port} 127.0.0.1",
             f"allow_anonymous {'true' if allow_anonymous else 'false'}",
@@ -318,7 +314,7 @@ class S3Endpoint:
 def s3_server() -> Iterator[S3Endpoint]:
     """moto's S3 server in this process on 127.0.0.1 (a free port), stopped at the end of the session."""
     moto_server = pytest.importorskip("moto.server", reason="moto[server] (dev extra) is not installed")
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from cloud_api.devsim import make_crop, random_jpeg
 from cloud_api.main import create_app
 from shelfloop import contract as c
+from shelfloop.broker import free_port
 from shelfloop.settings import Settings
 from shelfloop.sim.catalogue import make_catalogue
 
@@ -341,7 +342,6 @@ def test_openapi_fuzz_finds_no_server_error(fuzz_api: Api) -> None:
 
 
 def test_shelfloop_cloud_serve_answers_on_loopback(tmp_path: Path) -> None:
-    import socket
     import subprocess
     import sys
     import time
@@ -349,9 +349,7 @@ def test_shelfloop_cloud_serve_answers_on_loopback(tmp_path: Path) -> None:
     import httpx
     import yaml
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     config = tmp_path / "cloud.yaml"
     config.write_text(
         yaml.safe_dump(

@@ -147,7 +147,9 @@ def test_the_deploy_template_runs_and_enforces_provisioning(
 ) -> None:
     import string
 
-    from conftest import MosquittoBroker, _free_port
+    from conftest import MosquittoBroker
+
+    from shelfloop.broker import free_port
 
     executable = find_executable("mosquitto")
     if executable is None:
@@ -161,7 +163,7 @@ def test_the_deploy_template_runs_and_enforces_provisioning(
     registry = DeviceRegistry(db, files, cloud_users={"cloud": "cloud-pw"})
     creds = registry.provision(STORE, "dev-1")
     (tmp_path / "data").mkdir()
-    port = _free_port()
+    port = free_port()
     text = string.Template(template).substitute(
         PORT=port,
         LISTEN_ADDRESS="127.0.0.1",

@@ -13,7 +13,6 @@ import hashlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from cloud_api.devsim import DeviceSim, make_crop, random_jpeg
 from cloud_api.ingest import Ingestor, IngestWorker, full_jpeg_decode, replay_dead_letter
 from cloud_api.storage import LocalObjectStore, ObjectStore, make_object_store
 from shelfloop import contract as c
+from shelfloop.broker import free_port
 from shelfloop.settings import StorageSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -556,9 +556,7 @@ def test_a_worker_killed_mid_ingest_loses_and_doubles_nothing(
 ) -> None:
     broker = mosquitto(extra_config=BROKER_CONFIG)
     bucket = "killtest"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        metrics_port = sock.getsockname()[1]
+    metrics_port = free_port()
     config = tmp_path / "cloud.yaml"
     config.write_text(
         yaml.safe_dump(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -19,6 +18,8 @@ from typing import Any
 
 import pytest
 from test_reports import PASSWORD, World, make_world
+
+from shelfloop.broker import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 DOCS_SHOTS = Path(__file__).resolve().parents[1] / "docs" / "img" / "reports"
@@ -42,18 +43,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[World, str]]:
     import uvicorn
 
     w = make_world(tmp_path_factory.mktemp("reports-browser"), small_world)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(w.app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
