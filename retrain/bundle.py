@@ -94,9 +94,8 @@ def assemble_model_bundle(
         world = Path(calibration_world)
         photos = sorted((world / "shelf" / "images").rglob("*.jpg"))[:CALIBRATION_PHOTOS]
         photos += sorted((world / "checkout" / "images").rglob("*.jpg"))[: CALIBRATION_PHOTOS // 2]
-        det_weights = quantize_detector(
-            det_src, out / "detector.onnx", photos, tuple(det_report["input"][2:])
-        )
+        trained_at = (int(det_report["input"][2]), int(det_report["input"][3]))
+        det_weights = quantize_detector(det_src, out / "detector.onnx", photos, trained_at)
     else:
         det_weights = _place(det_src, out / "detector.onnx", detector_storage)
     weights = {
