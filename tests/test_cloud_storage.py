@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -182,25 +184,27 @@ def _terminate(db_url: str, pid: int) -> None:
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
-@pytest.mark.postgres
-def test_an_idle_connection_the_server_dropped_is_replaced_before_use(postgres_db: str) -> None:
-    db = Database(postgres_db, ping_after_idle_s=0.0, pool_size=1, max_overflow=0)
+@contextmanager
+def _pooled_connection_dropped(db_url: str, ping_after_idle_s: float) -> Iterator[tuple[Database, int]]:
+    """A one-connection pool whose connection the server has just terminated: (db, its backend pid)."""
+    db = Database(db_url, ping_after_idle_s=ping_after_idle_s, pool_size=1, max_overflow=0)
     try:
         first = _backend_pid(db)
-        _terminate(postgres_db, first)
-        assert _backend_pid(db) != first  # no error reached the caller: the ping found it dead
+        _terminate(db_url, first)
+        yield db, first
     finally:
         db.dispose()
+
+
+@pytest.mark.postgres
+def test_an_idle_connection_the_server_dropped_is_replaced_before_use(postgres_db: str) -> None:
+    with _pooled_connection_dropped(postgres_db, ping_after_idle_s=0.0) as (db, first):
+        assert _backend_pid(db) != first  # no error reached the caller: the ping found it dead
 
 
 @pytest.mark.postgres
 def test_a_busy_connection_is_not_pinged_and_a_dropped_one_fails_once(postgres_db: str) -> None:
-    db = Database(postgres_db, ping_after_idle_s=3600.0, pool_size=1, max_overflow=0)
-    try:
-        first = _backend_pid(db)
-        _terminate(postgres_db, first)
+    with _pooled_connection_dropped(postgres_db, ping_after_idle_s=3600.0) as (db, first):
         with pytest.raises(sa.exc.OperationalError):
             _backend_pid(db)  # not idle long enough to be pinged: the one transaction in flight fails
         assert _backend_pid(db) != first  # and the pool has already replaced the connection
-    finally:
-        db.dispose()

@@ -469,16 +469,8 @@ def test_one_facing_split_into_two_overlapping_boxes_is_one_facing():
     i = obs.sku_id.index("H")  # the first of H's two facings
     x0, y0, x1, y1 = obs.xyxy[i]
     w = x1 - x0
-    xyxy = obs.xyxy.copy()
-    xyxy[i] = [x0, y0, x0 + 0.62 * w, y1]  # the detector saw it as two narrower, overlapping boxes
-    split = ShelfObservation(
-        xyxy=np.vstack([xyxy, [[x1 - 0.62 * w, y0, x1, y1]]]),
-        confidence=np.append(obs.confidence, 0.9),
-        sku_id=[*obs.sku_id, "H"],
-        sku_prob=np.append(obs.sku_prob, 1.0),
-        image_size=obs.image_size,
-    )
-    res = check_bay(split, BAY)
+    obs.xyxy[i] = [x0, y0, x0 + 0.62 * w, y1]  # the detector saw it as two narrower, overlapping boxes
+    res = check_bay(_with_boxes(obs, [([x1 - 0.62 * w, y0, x1, y1], "H")], confidence=0.9, prob=1.0), BAY)
     only(res)
     assert {s.planned_sku: s.facings_found for s in res.slots}["H"] == 2
 
