@@ -82,6 +82,8 @@ def assemble_model_bundle(
     """Put the two ONNX files into `out` with compact weight storage (`retrain.compact`; "float32" copies
     them as they are; "qdq-int8" quantizes the detector to compute in int8, `retrain.quantize`), calibrate
     the recognizer, write and sign the manifest."""
+    if detector_storage == QDQ_INT8 and calibration_world is None:  # before `out` is replaced
+        raise ValueError("int8 detector compute needs a calibration world (its photos calibrate it)")
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -89,8 +91,6 @@ def assemble_model_bundle(
     det_src = Path(detector_dir) / "detector.onnx"
     det_report = json.loads((Path(detector_dir) / "train_report.json").read_text())
     if detector_storage == QDQ_INT8:
-        if calibration_world is None:
-            raise ValueError("int8 detector compute needs a calibration world (its photos calibrate it)")
         world = Path(calibration_world)
         photos = sorted((world / "shelf" / "images").rglob("*.jpg"))[:CALIBRATION_PHOTOS]
         photos += sorted((world / "checkout" / "images").rglob("*.jpg"))[: CALIBRATION_PHOTOS // 2]

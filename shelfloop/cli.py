@@ -390,7 +390,7 @@ def retrain_bundle(
 ) -> None:
     """Assemble a signed model bundle (detector + recognizer ONNX, calibration, training record). Weights
     are stored compactly (int8 detector, float16 recognizer by default) and run in fp32 on the device."""
-    from retrain.bundle import DETECTOR_STORAGES, QDQ_INT8, RECOGNIZER_STORAGES, assemble_model_bundle
+    from retrain.bundle import DETECTOR_STORAGES, RECOGNIZER_STORAGES, assemble_model_bundle
 
     for kind, storage, allowed in (
         ("detector", detector_storage, DETECTOR_STORAGES),
@@ -398,19 +398,20 @@ def retrain_bundle(
     ):
         if storage not in allowed:
             _fail(f"{kind} storage must be one of {', '.join(allowed)}, not {storage!r}")
-    if detector_storage == QDQ_INT8 and calibration_world is None:
-        _fail("--detector-storage qdq-int8 needs --calibration-world (its photos calibrate int8)")
-    m = assemble_model_bundle(
-        detector,
-        recognizer,
-        out,
-        version,
-        signing_key,
-        calibration_world,
-        made_by=[" ".join(sys.argv)],
-        detector_storage=detector_storage,
-        recognizer_storage=recognizer_storage,
-    )
+    try:
+        m = assemble_model_bundle(
+            detector,
+            recognizer,
+            out,
+            version,
+            signing_key,
+            calibration_world,
+            made_by=[" ".join(sys.argv)],
+            detector_storage=detector_storage,
+            recognizer_storage=recognizer_storage,
+        )
+    except ValueError as exc:  # a storage that needs what was not given (qdq-int8: --calibration-world)
+        _fail(str(exc))
     typer.echo(
         f"signed {out} ({m['name']} {m['version']}, key {m['key_id']}): "
         f"calibration {json.dumps(m['recognizer']['calibration'])}"
