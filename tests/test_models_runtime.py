@@ -98,11 +98,15 @@ def test_letterbox_maps_boxes_back_to_the_frame():
     assert (boxed[:16] == 114).all() and (boxed[-16:] == 114).all()
 
 
-def test_nms_matches_brute_force():
+@pytest.mark.parametrize("tied", [False, True])
+def test_nms_matches_brute_force(tied):
     rng = np.random.default_rng(0)
     xy = rng.uniform(0, 100, (60, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(5, 30, (60, 2))], 1).astype(np.float32)
     scores = rng.uniform(0, 1, 60).astype(np.float32)
+    if tied:  # equal scores keep the lower index first; a zero score is still a candidate
+        scores = np.round(scores, 1)
+        assert (scores == 0).any()
     keep = nms(boxes, scores, 0.5)
 
     def iou(a, b):
@@ -112,7 +116,7 @@ def test_nms_matches_brute_force():
         return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
     expected = []
-    for i in np.argsort(-scores):
+    for i in np.argsort(-scores, kind="stable"):
         if all(iou(boxes[i], boxes[j]) <= 0.5 for j in expected):
             expected.append(i)
     assert keep.tolist() == expected
