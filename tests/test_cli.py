@@ -133,3 +133,66 @@ def test_demo_runs_the_loop_on_embedded_defaults(tmp_path, monkeypatch):
     again = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert again.exit_code == 0 and "reusing" in again.output
     shutil.rmtree(tmp_path / "demo")
+
+
+def _grocery_like(root: Path) -> None:
+    """A Grocery Store layout (classes.csv, train.txt, val.txt): Cantaloupe, a class the shipped recognizer
+    never trained on, has a first train photo unlike its later ones and its val photos."""
+    import cv2
+    import numpy as np
+
+    def pattern(kind: str, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        img = np.zeros((160, 120, 3), np.uint8)
+        if kind == "stripes":
+            for y in range(0, 160, 16):
+                img[y : y + 6] = (40, 200, 230)
+        elif kind == "checks":
+            img[:] = ((np.indices((160, 120)).sum(0) // 20) % 2)[..., None] * np.array(
+                [30, 160, 40], np.uint8
+            )
+        elif kind == "circles":
+            for y in range(20, 160, 40):
+                for x in range(20, 120, 40):
+                    cv2.circle(img, (x, y), 14, (200, 60, 20), -1)
+        else:
+            cv2.putText(img, "LEMON", (5, 90), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (20, 220, 250), 3)
+        noise = rng.integers(-6, 7, img.shape)
+        return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+
+    base = root / "dataset"
+    classes = {
+        "Banana": ["stripes"] * 4,
+        "Cantaloupe": ["checks", "circles", "circles", "circles"],
+        "Lemon": ["text"] * 4,
+    }
+    val = {"Banana": ["stripes"], "Cantaloupe": ["circles", "circles"], "Lemon": ["text"]}
+    rows = ["Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int)"]
+    for cid, name in enumerate(classes):
+        rows.append(f"{name},{cid},{name},{cid}")
+        for split, kinds in (("train", classes[name]), ("val", val[name])):
+            for i, kind in enumerate(kinds):
+                rel = f"{split}/Fruit/{name}/{name}_{i:03d}.jpg"
+                (base / rel).parent.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(
+                    str(base / rel), pattern(kind, seed=cid * 100 + i + (50 if split == "val" else 0))
+                )
+                with (base / f"{split}.txt").open("a") as f:
+                    f.write(f"{rel}, {cid}, {cid}\n")
+    (base / "classes.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_eval_grocery_separates_few_references_from_the_features(tmp_path):
+    _grocery_like(tmp_path / "gs")
+    out = tmp_path / "grocery.json"
+    result = runner.invoke(
+        app, ["eval", "grocery", "--root", str(tmp_path / "gs"), "--new-sku-refs", "1", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert r["new_sku_classes"] and "gs:Cantaloupe" in r["new_sku_classes"]
+    assert r["gallery_references"] == 4 + 1 + 4  # Cantaloupe's first photo only
+    assert r["new_sku_queries"] == 2
+    # Its val photos look like its later train photos: every reference finds them, the first one alone not.
+    assert r["new_sku_top1_all_references"] == 1.0
+    assert r["new_sku_top1"] < r["new_sku_top1_all_references"]
