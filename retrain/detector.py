@@ -34,6 +34,9 @@ class DetectorRecipe:
     model: str = "yolo11n.yaml"
     seed: int = 0
     patience: int = 100
+    init: str | None = None  # a detector.pt to continue from, else random weights
+    lr0: float | None = None  # AdamW learning rate; None lets Ultralytics choose (from-scratch runs)
+    dynamic: bool = False  # export with free height and width (the edge then pads only to the stride)
 
 
 def train_detector(recipe: DetectorRecipe, out: Path) -> dict:
@@ -46,14 +49,15 @@ def train_detector(recipe: DetectorRecipe, out: Path) -> dict:
     settings.update({"sync": False})
     torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
-    model = YOLO(recipe.model)
+    model = YOLO(recipe.init or recipe.model)
+    tuning = {"optimizer": "AdamW", "lr0": recipe.lr0, "warmup_epochs": 0} if recipe.lr0 else {}
     model.train(
         data=recipe.data,
         epochs=recipe.epochs,
         imgsz=recipe.imgsz,
         batch=recipe.batch,
         device="cpu",
-        pretrained=False,
+        pretrained=bool(recipe.init),
         amp=False,
         plots=False,
         workers=0,
@@ -69,6 +73,7 @@ def train_detector(recipe: DetectorRecipe, out: Path) -> dict:
         mosaic=1.0,
         close_mosaic=max(1, recipe.epochs // 5),
         verbose=False,
+        **tuning,
     )
     train_s = time.time() - t0
     best = out / "run" / "weights" / "best.pt"
@@ -90,7 +95,7 @@ def train_detector(recipe: DetectorRecipe, out: Path) -> dict:
         )
         metrics[split] = {"map50": float(r.box.map50), "map50_95": float(r.box.map)}
     onnx_path = Path(
-        trained.export(format="onnx", imgsz=recipe.imgsz, opset=17, simplify=True, dynamic=False)
+        trained.export(format="onnx", imgsz=recipe.imgsz, opset=17, simplify=True, dynamic=recipe.dynamic)
     )
     shutil.move(str(onnx_path), out / "detector.onnx")
     report = {
@@ -98,7 +103,9 @@ def train_detector(recipe: DetectorRecipe, out: Path) -> dict:
         "train_seconds": round(train_s, 1),
         "ultralytics_metrics": metrics,
         "onnx": "detector.onnx",
+        # For a dynamic export: the largest input, the size frames are fitted into before stride padding.
         "input": [1, 3, recipe.imgsz, recipe.imgsz],
+        "dynamic_input": recipe.dynamic,
     }
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

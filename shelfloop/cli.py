@@ -297,14 +297,31 @@ def retrain_detector(
     ] = 512,
     batch: Annotated[int, typer.Option(min=1)] = 16,
     seed: Annotated[int, typer.Option()] = 0,
+    init: Annotated[
+        Path | None, typer.Option(help="A detector.pt to fine-tune (default: train from scratch).")
+    ] = None,
+    lr0: Annotated[
+        float | None, typer.Option(help="AdamW learning rate (default: Ultralytics' choice).")
+    ] = None,
+    dynamic: Annotated[
+        bool, typer.Option(help="Export with free height and width: the edge pads frames only to the stride.")
+    ] = False,
 ) -> None:
-    """Train the class-agnostic product detector (YOLO11n from scratch, offline, on the CPU) and export it to
-    ONNX. Needs the `train` extra."""
+    """Train the class-agnostic product detector (YOLO11n from scratch, or fine-tune one, offline, on the
+    CPU) and export it to ONNX. Needs the `train` extra."""
     from retrain.detector import DetectorRecipe, train_detector
 
-    report = train_detector(
-        DetectorRecipe(data=str(data.resolve()), epochs=epochs, imgsz=imgsz, batch=batch, seed=seed), out
+    recipe = DetectorRecipe(
+        data=str(data.resolve()),
+        epochs=epochs,
+        imgsz=imgsz,
+        batch=batch,
+        seed=seed,
+        init=str(init.resolve()) if init else None,
+        lr0=lr0,
+        dynamic=dynamic,
     )
+    report = train_detector(recipe, out)
     typer.echo(json.dumps(report["ultralytics_metrics"], indent=2))
 
 

@@ -52,3 +52,36 @@ def test_crops_load_as_a_torchvision_imagefolder(small_world):
     assert set(folder.class_to_idx) <= skus
     image, label = folder[0]
     assert image.size[0] > 0 and folder.classes[label] in skus
+
+
+def test_detector_fine_tune_exports_a_dynamic_input_the_edge_runs(small_world, tmp_path):
+    """`retrain detector --init --lr0 --dynamic`: continues the shipped weights and exports free height and
+    width, which the edge then pads only to the stride."""
+    _offline_ultralytics(tmp_path)
+    import cv2
+
+    from models.backends import create_backend
+    from models.detector import ProductDetector
+    from retrain.detector import DetectorRecipe, train_detector
+
+    baseline = Path(__file__).resolve().parents[1] / "retrain" / "baseline" / "detector.pt"
+    recipe = DetectorRecipe(
+        data=str(small_world / "detection.yaml"),
+        epochs=1,
+        imgsz=256,
+        batch=8,
+        init=str(baseline),
+        lr0=1e-5,
+        dynamic=True,
+    )
+    report = train_detector(recipe, tmp_path / "det")
+    assert report["dynamic_input"] and report["input"] == [1, 3, 256, 256]
+    backend = create_backend("onnxruntime", tmp_path / "det" / "detector.onnx")
+    assert not all(isinstance(d, int) for d in backend.inputs[0].shape[2:])  # height and width are free
+    detector = ProductDetector(backend, max_size=(256, 256))
+    shelf = cv2.imread(str(next((small_world / "shelf" / "images" / "test").glob("*.jpg"))))
+    blob, _ = detector.preprocess(shelf)
+    assert blob.shape[2] == 256 and blob.shape[3] % 32 == 0 and blob.shape[3] < 256  # portrait: no square pad
+    # It started from the trained weights, not from scratch: one epoch at a tiny rate still finds products.
+    assert report["ultralytics_metrics"]["test"]["map50"] > 0.5
+    assert len(detector(shelf)) > 0
