@@ -1,7 +1,9 @@
 """`shelfloop bench models`: the same weights and images through Ultralytics/PyTorch and the edge runtime.
 
-Each side runs in its own process, one after the other, so neither pays for the other's threads or
-memory: the edge process never imports torch, and its peak RSS is what a device would see.
+Each side runs in its own process, so neither pays for the other's memory: the edge process never
+imports torch, and its peak RSS is what a device would see. The two take turns, one pass over the images
+each per round, in the order edge, PyTorch, PyTorch, edge, ...: on a shared box the speed drifts by tens
+of percent within a minute, and timing one side after the other measured that drift as a speed-up.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,19 +33,20 @@ _EDGE = textwrap.dedent("""
     for im in imgs[:3]:
         mb.detector(im)
     mb.embedder.embed(crops[: args["batch"]])
-    det = []
-    for _ in range(args["repeats"]):
+    print("ready", flush=True)
+    for _ in sys.stdin:  # one round per line
+        det = []
         for im in imgs:
             t = time.perf_counter(); mb.detector(im); det.append((time.perf_counter() - t) * 1e3)
-    rec = []
-    for _ in range(args["repeats"]):
+        rec = []
         for i in range(0, len(crops), args["batch"]):
             t = time.perf_counter(); mb.embedder.embed(crops[i:i + args["batch"]])
             rec.append((time.perf_counter() - t) * 1e3)
+        print(json.dumps({"det_ms": det, "rec_ms": rec}), flush=True)
     torch_loaded = "torch" in sys.modules
     hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-    print(json.dumps({"det_ms": det, "rec_ms": rec, "peak_rss_mb": int(hwm) / 1024,
-                      "torch_loaded": torch_loaded, "provider": mb.detector.backend.device}))
+    print(json.dumps({"peak_rss_mb": int(hwm) / 1024, "torch_loaded": torch_loaded,
+                      "provider": mb.detector.backend.device}), flush=True)
 """)
 
 _TORCH = textwrap.dedent("""
@@ -64,32 +69,78 @@ _TORCH = textwrap.dedent("""
     kw = dict(imgsz=args["imgsz"], conf=0.25, iou=0.7, device="cpu", verbose=False)
     for im in imgs[:3]:
         yolo.predict(im, **kw)
-    det = []
-    for _ in range(args["repeats"]):
+    with torch.no_grad():  # warm up as the edge side does, on one batch
+        x = np.stack([prepare_crop(c, size) for c in crops[:args["batch"]]]).transpose(0, 3, 1, 2)
+        rec(torch.from_numpy(np.ascontiguousarray(x)))
+    print("ready", flush=True)
+    for _ in sys.stdin:  # one round per line
+        det = []
         for im in imgs:
             t = time.perf_counter(); yolo.predict(im, **kw); det.append((time.perf_counter() - t) * 1e3)
-    recs = []
-    with torch.no_grad():
-        for _ in range(args["repeats"]):
+        recs = []
+        with torch.no_grad():
             for i in range(0, len(crops), args["batch"]):
                 t = time.perf_counter()
                 batch = crops[i:i + args["batch"]]
                 x = np.stack([prepare_crop(c, size) for c in batch]).transpose(0, 3, 1, 2)
                 rec(torch.from_numpy(np.ascontiguousarray(x)))
                 recs.append((time.perf_counter() - t) * 1e3)
+        print(json.dumps({"det_ms": det, "rec_ms": recs}), flush=True)
     hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-    print(json.dumps({"det_ms": det, "rec_ms": recs, "peak_rss_mb": int(hwm) / 1024}))
+    print(json.dumps({"peak_rss_mb": int(hwm) / 1024}), flush=True)
 """)
 
 
-def _run(code: str, args: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env, timeout=1800
-    )
-    if r.returncode != 0:
-        raise RuntimeError(f"benchmark process failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+SETTLE_S = 0.5
+"""Pause before each side's pass: the other side's idle OpenMP and ONNX Runtime threads spin for a while
+after their last run, and would otherwise take the cores from the side being timed."""
+
+
+class _Side:
+    """One side of the benchmark: a process that loads its models once, then times one pass per round."""
+
+    def __init__(self, code: str, args: dict) -> None:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        # Stderr goes to a file, not a pipe: warnings can never fill it and block the process.
+        self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed by kill()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            env=env,
+        )
+        self._line("ready")  # loaded and warmed up
+
+    def _line(self, start: str = "{") -> str:
+        """The next line the protocol wrote; libraries may print their own lines before it."""
+        assert self.proc.stdout is not None
+        while line := self.proc.stdout.readline():
+            if line.startswith(start):
+                return line
+        self.proc.wait(timeout=60)
+        self.err.seek(0)
+        raise RuntimeError(f"benchmark process failed:\n{self.err.read()[-3000:]}")
+
+    def round(self) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return json.loads(self._line())
+
+    def finish(self) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        out = json.loads(self._line())
+        self.proc.wait(timeout=60)
+        return out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.err.close()
 
 
 def _stats(ms: list[float]) -> dict:
@@ -123,22 +174,47 @@ def run(
         "imgsz": manifest["detector"]["input"][-1],
         "yolo_config": str(Path(work_dir).resolve() / "yolo"),
     }
-    edge = _run(_EDGE, args)
-    torch_side = _run(_TORCH, args)
-    out = {
+    sides = {"edge": _Side(_EDGE, args)}
+    try:
+        sides["pytorch"] = _Side(_TORCH, args)
+        rounds: list[dict[str, dict]] = []
+        for r in range(repeats):
+            order = ("edge", "pytorch") if r % 2 == 0 else ("pytorch", "edge")
+            timed = {}
+            for name in order:
+                time.sleep(SETTLE_S)
+                timed[name] = sides[name].round()
+            rounds.append(timed)
+        edge, torch_side = sides["edge"].finish(), sides["pytorch"].finish()
+    finally:
+        for side in sides.values():
+            side.kill()
+    out: dict[str, Any] = {
         "images": len(images),
         "crops": len(crops),
         "recognizer_batch": batch,
+        "rounds": repeats,
         "provider": edge["provider"],
     }
     for part in ("det", "rec"):
-        e, t = _stats(edge[f"{part}_ms"]), _stats(torch_side[f"{part}_ms"])
+        e_ms = [ms for r in rounds for ms in r["edge"][f"{part}_ms"]]
+        t_ms = [ms for r in rounds for ms in r["pytorch"][f"{part}_ms"]]
+        e, t = _stats(e_ms), _stats(t_ms)
         name = "detector" if part == "det" else "recognizer"
         out[name] = {
             "edge": e,
             "ultralytics_pytorch": t,
             "speedup_median": round(t["median_ms"] / e["median_ms"], 2),
             "speedup_p95": round(t["p95_ms"] / e["p95_ms"], 2),
+            # Each round's two sides ran back to back: how far the ratio moves with the box's speed.
+            "speedup_per_round": [
+                round(
+                    statistics.median(r["pytorch"][f"{part}_ms"])
+                    / statistics.median(r["edge"][f"{part}_ms"]),
+                    2,
+                )
+                for r in rounds
+            ],
         }
     out["memory"] = {
         "edge_peak_rss_mb": round(edge["peak_rss_mb"], 1),

@@ -697,7 +697,8 @@ def bench_models(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
 ) -> None:
     """Detector and recognizer latency (median, p95) and peak memory: Ultralytics/PyTorch `predict` against
-    the edge runtime on the same weights and images, each in its own process, in one run. Needs `train`."""
+    the edge runtime on the same weights and images, each in its own process, in one run, taking turns
+    for REPEATS rounds of one pass each (the speed-up of each round is printed as a range). Needs `train`."""
     from models.loader import BASELINE_MODEL
     from retrain.bench import run
     from shelfloop.sim.generate import WorldSpec, generate
@@ -718,7 +719,8 @@ def bench_models(
         e, t = r[name]["edge"], r[name]["ultralytics_pytorch"]
         typer.echo(
             f"  {name:10s} edge {e['median_ms']:8.1f} ms (p95 {e['p95_ms']:.1f})   pytorch "
-            f"{t['median_ms']:8.1f} ms (p95 {t['p95_ms']:.1f})   speed-up x{r[name]['speedup_median']}"
+            f"{t['median_ms']:8.1f} ms (p95 {t['p95_ms']:.1f})   speed-up x{r[name]['speedup_median']} "
+            f"(rounds x{min(r[name]['speedup_per_round'])}-{max(r[name]['speedup_per_round'])})"
         )
     m = r["memory"]
     typer.echo(

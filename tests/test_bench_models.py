@@ -1,0 +1,42 @@
+"""`shelfloop bench models`: both sides really run, take turns, and the edge side never imports torch.
+Needs the `train` extra (the PyTorch side is Ultralytics); skipped without it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from shelfloop.cli import app
+
+pytestmark = pytest.mark.train
+
+
+def test_bench_models_interleaves_rounds_of_both_sides(small_world, tmp_path, monkeypatch):
+    pytest.importorskip("ultralytics", reason="the train extra (ultralytics) is not installed")
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
+    out = tmp_path / "bench.json"
+    args = [
+        "bench",
+        "models",
+        "--world",
+        str(small_world),
+        "--images",
+        "2",
+        "--repeats",
+        "3",
+        "--json",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert r["rounds"] == 3 and r["images"] == 2
+    for part in ("detector", "recognizer"):
+        assert r[part]["edge"]["n"] == r[part]["ultralytics_pytorch"]["n"]
+        assert len(r[part]["speedup_per_round"]) == 3 and min(r[part]["speedup_per_round"]) > 0
+    assert r["detector"]["edge"]["n"] == 2 * 3  # every frame in every round
+    assert r["memory"]["edge_imports_torch"] is False
+    assert 0 < r["memory"]["edge_peak_rss_mb"] < r["memory"]["pytorch_peak_rss_mb"]
+    assert "rounds x" in result.output
