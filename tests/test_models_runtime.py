@@ -235,6 +235,104 @@ def test_tensorrt_backend_refuses_cleanly_without_a_gpu(fake_detector_onnx):
     np.testing.assert_allclose(trt_out, ort_out, atol=1e-2)
 
 
+def _qdq_graph(path: Path) -> Path:
+    """An activation quantized and dequantized with fixed ranges: explicit int8, as `qdq-int8` exports."""
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 3, 8, 8])
+    scale = helper.make_tensor("scale", TensorProto.FLOAT, [], [1 / 255])
+    zero = helper.make_tensor("zero", TensorProto.UINT8, [], [0])
+    nodes = [
+        helper.make_node("QuantizeLinear", ["images", "scale", "zero"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["dq"]),
+        helper.make_node("Relu", ["dq"], ["output0"]),
+    ]
+    graph = helper.make_graph(nodes, "qdq", [x], [y], initializer=[scale, zero])
+    return _save(helper.make_model(graph), path)
+
+
+def test_tensorrt_precision_follows_the_installed_tensorrt(tmp_path):
+    """TensorRT 10 takes precision flags (and an INT8 calibrator); TensorRT 11 removed them and reads
+    precision from the graph. Both are decided here, without a GPU."""
+    from models.backends.tensorrt import NetworkSource as Source
+    from models.backends.tensorrt import has_qdq, network_source
+
+    plain = (
+        Path(__file__).resolve().parents[1] / "models" / "baseline" / "model" / "detector.onnx"
+    ).read_bytes()
+    qdq = _qdq_graph(tmp_path / "qdq.onnx").read_bytes()
+    assert not has_qdq(plain) and has_qdq(qdq)
+    # TensorRT 10: the bundle's ONNX as it is, precision by flags; a calibrator only where no Q/DQ is.
+    assert network_source(plain, "fp16", False) == Source(plain, ("FP16",), False)
+    assert network_source(plain, "int8", False) == Source(plain, ("FP16", "INT8"), True)
+    assert network_source(qdq, "int8", False) == Source(qdq, ("FP16", "INT8"), False)
+    assert network_source(qdq, "fp32", False) == Source(qdq, ("INT8",), False)
+    # TensorRT 11: no flags; fp16 from a converted graph, int8 only from Q/DQ nodes.
+    assert network_source(plain, "fp32", True) == Source(plain, (), False)
+    assert network_source(qdq, "int8", True) == Source(qdq, (), False)
+    with pytest.raises(ModelError, match="Q/DQ"):
+        network_source(plain, "int8", True)
+    with pytest.raises(ModelError, match="precision"):
+        network_source(plain, "bf16", True)
+
+
+def test_fp16_detector_for_tensorrt_11_finds_the_same_boxes(small_world, tmp_path):
+    """The fp16 graph a strongly typed TensorRT builds keeps fp32 inputs and outputs, is topologically
+    sorted (its parser requires it) and, run here by ONNX Runtime, finds the fp32 graph's boxes."""
+    from models.backends.tensorrt import network_source
+
+    src = Path(__file__).resolve().parents[1] / "models" / "baseline" / "model" / "detector.onnx"
+    source = network_source(src.read_bytes(), "fp16", True)
+    assert source.flags == () and not source.calibrate
+    model = onnx.load_from_string(source.onnx)
+    onnx.checker.check_model(model)  # checks the node order too
+    assert [v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)] == [
+        TensorProto.FLOAT
+    ] * 2
+    assert any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
+    fp16_path = tmp_path / "detector-fp16.onnx"
+    fp16_path.write_bytes(source.onnx)
+    fp32 = ProductDetector(create_backend("onnxruntime", src))
+    fp16 = ProductDetector(create_backend("onnxruntime", fp16_path))
+    for photo in sorted((small_world / "shelf" / "images" / "test").glob("*.jpg"))[:2]:
+        img = cv2.imread(str(photo))
+        a, b = fp32(img), fp16(img)
+        assert len(a) > 5 and abs(len(a) - len(b)) <= 1
+        ious = _pairwise_iou(a.xyxy, b.xyxy).max(1)
+        assert np.median(ious) > 0.98 and (ious > 0.9).mean() > 0.95
+
+
+def test_tensorrt_engine_of_the_shipped_detector_matches_onnxruntime(small_world, tmp_path):
+    """On a GPU: the fp16 engine finds ONNX Runtime's boxes, is cached, and a rebuild swaps in while the
+    old engine serves. Skipped where TensorRT or a GPU is missing."""
+    src = Path(__file__).resolve().parents[1] / "models" / "baseline" / "model" / "detector.onnx"
+    try:
+        trt_backend = create_backend("tensorrt", src, cache_dir=tmp_path / "engines")
+    except BackendUnavailable as exc:
+        pytest.skip(f"no TensorRT here: {exc}")
+    engines = sorted((tmp_path / "engines").glob("*.engine"))
+    assert len(engines) == 1 and "fp16" in engines[0].name
+    built = engines[0].stat().st_mtime_ns
+    fp32 = ProductDetector(create_backend("onnxruntime", src))
+    on_gpu = ProductDetector(trt_backend)
+    img = cv2.imread(str(sorted((small_world / "shelf" / "images" / "test").glob("*.jpg"))[0]))
+    a, b = fp32(img), on_gpu(img)
+    assert len(a) > 5 and abs(len(a) - len(b)) <= 1
+    assert np.median(_pairwise_iou(a.xyxy, b.xyxy).max(1)) > 0.98
+    again = create_backend("tensorrt", src, cache_dir=tmp_path / "engines")  # from the cache, not rebuilt
+    assert engines[0].stat().st_mtime_ns == built
+    swapped = []
+    again.rebuild_in_background(src, on_ready=swapped.append).join(timeout=600)
+    assert swapped == [True] and len(ProductDetector(again)(img)) == len(b)
+
+
+def _pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(2)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
 # --- gallery --------------------------------------------------------------------------------------------
 
 

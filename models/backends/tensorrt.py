@@ -1,9 +1,15 @@
 """Native TensorRT backend for NVIDIA devices (Jetson in production).
 
-Engines are built on the device from the bundle's ONNX (FP16, or INT8 with a calibration set and cache),
-cached on disk keyed by TensorRT version, GPU and ONNX hash, and rebuilt in a background thread while the
-previous engine keeps serving. Needs `tensorrt` and `cuda-python`; without a GPU it refuses to start with
-BackendUnavailable, and the ONNX Runtime backend is the one to configure.
+Engines are built on the device from the bundle's ONNX (FP16, or INT8 from explicit Q/DQ nodes or a
+calibration set and cache), cached on disk keyed by TensorRT version, GPU and ONNX hash, and rebuilt in a
+background thread while the previous engine keeps serving. Needs `tensorrt` (JetPack's), `cuda-python` and
+`onnx` (the `jetson` extra); without a GPU it refuses to start with BackendUnavailable, and the ONNX Runtime
+backend is the one to configure.
+
+TensorRT 10 (JetPack 6) picks kernel precisions from builder flags; TensorRT 11 removed those flags and
+the INT8 calibrators: every network is strongly typed, so FP16 comes from an ONNX converted to fp16 and
+INT8 only from explicit Q/DQ nodes (`retrain bundle --detector-storage qdq-int8`). `network_source`
+decides which, from what the installed TensorRT offers.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +115,85 @@ def _make_calibrator(trt, cudart, batches: Callable[[], Iterator[np.ndarray]], c
     return EntropyCalibrator()
 
 
+def strongly_typed(trt) -> bool:
+    """TensorRT 11 has no precision flags left: its networks take the types the ONNX gives them."""
+    return not hasattr(trt.BuilderFlag, "FP16")
+
+
+@dataclass(frozen=True)
+class NetworkSource:
+    """What the builder is given for one precision."""
+
+    onnx: bytes  # the model the parser reads
+    flags: tuple[str, ...]  # BuilderFlag names to set (weakly typed TensorRT only)
+    calibrate: bool  # an INT8 calibrator must measure the activation ranges
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError as exc:
+        raise BackendUnavailable(
+            "the TensorRT backend reads the ONNX graph to choose its precisions: install onnx"
+        ) from exc
+    return onnx
+
+
+def has_qdq(onnx_bytes: bytes) -> bool:
+    """Whether the model carries its own int8 ranges (QuantizeLinear/DequantizeLinear on activations)."""
+    graph = _onnx().load_from_string(onnx_bytes).graph
+    return any(n.op_type == "QuantizeLinear" for n in graph.node)
+
+
+def fp16_onnx(onnx_bytes: bytes) -> bytes:
+    """The model computing in fp16 with fp32 inputs and outputs, for a strongly typed engine.
+
+    ONNX Runtime's converter leaves its input casts at the end of the node list; TensorRT's parser wants
+    the nodes in topological order, so they are sorted again."""
+    onnx = _onnx()
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load_from_string(onnx_bytes), keep_io_types=True)
+    graph = model.graph
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise ModelError(f"fp16 graph has nodes whose inputs nothing produces: {waiting[0].name}")
+        pending = waiting
+    del graph.node[:]
+    graph.node.extend(ordered)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def network_source(onnx_bytes: bytes, precision: str, strongly_typed: bool) -> NetworkSource:
+    """The model and flags that give `precision` on this TensorRT (see the module docstring)."""
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ModelError(f"unknown TensorRT precision {precision!r}")
+    qdq = has_qdq(onnx_bytes)
+    if not strongly_typed:
+        flags = {"fp32": (), "fp16": ("FP16",), "int8": ("FP16", "INT8")}[precision]
+        if qdq and "INT8" not in flags:  # explicit Q/DQ nodes need the flag but bring their own ranges
+            flags += ("INT8",)
+        return NetworkSource(onnx_bytes, flags, precision == "int8" and not qdq)
+    if precision == "fp16" and not qdq:
+        return NetworkSource(fp16_onnx(onnx_bytes), (), False)
+    if precision == "int8" and not qdq:
+        raise ModelError(
+            "this TensorRT builds INT8 only from explicit Q/DQ nodes: use a bundle whose detector computes "
+            "in int8 (`retrain bundle --detector-storage qdq-int8`), or precision fp16"
+        )
+    return NetworkSource(onnx_bytes, (), False)  # fp32, or Q/DQ int8 as the model says
+
+
 def build_engine(
     onnx_path: Path,
     engine_path: Path,
@@ -115,23 +201,26 @@ def build_engine(
     calibration: Callable[[], Iterator[np.ndarray]] | None = None,
     input_shape: tuple[int, ...] | None = None,
 ) -> Path:
-    """Build and serialise an engine from ONNX. INT8 needs a calibration batch iterator (or its cache).
+    """Build and serialise an engine from ONNX. INT8 without Q/DQ nodes needs a calibration batch iterator
+    (or its cache), and only TensorRT 10 can use one.
 
     An ONNX input with dynamic dimensions is pinned to `input_shape` (one optimisation profile, min = opt
     = max): an engine serves one shape best, and the detector then pads frames to it.
     """
     trt, cudart = _import_trt()
+    source = network_source(onnx_path.read_bytes(), precision, strongly_typed(trt))
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
+    if not parser.parse(source.onnx):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ModelError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     dynamic = [network.get_input(i) for i in range(network.num_inputs)]
     dynamic = [t for t in dynamic if any(d < 0 for d in t.shape)]
+    profile = None
     if dynamic:
         if input_shape is None:
             raise ModelError(f"{onnx_path.name} has dynamic input shapes: give the input shape to build for")
@@ -139,16 +228,15 @@ def build_engine(
         for t in dynamic:
             profile.set_shape(t.name, input_shape, input_shape, input_shape)
         config.add_optimization_profile(profile)
-        if precision == "int8":
-            config.set_calibration_profile(profile)
-    if precision in ("fp16", "int8") and builder.platform_has_fast_fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
+    for flag in source.flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if source.calibrate:
         cache = engine_path.with_suffix(".calib")
         if calibration is None and not cache.exists():
             raise ModelError("INT8 needs a calibration set (or an existing calibration cache)")
-        config.set_flag(trt.BuilderFlag.INT8)
         config.int8_calibrator = _make_calibrator(trt, cudart, calibration or (lambda: iter(())), cache)
+        if profile is not None:
+            config.set_calibration_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ModelError(f"TensorRT failed to build an engine for {onnx_path.name}")
