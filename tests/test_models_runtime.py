@@ -17,7 +17,9 @@ from models.bundle import generate_signing_key, load_public_keys, pack_bundle, s
 from models.detections import Detections
 from models.detector import ProductDetector, as_bgr, decode_image, letterbox, nms
 from models.errors import BackendUnavailable, BadImage, BundleError, GalleryMismatch, ModelError
+from models.evaluate import _iou
 from models.gallery import Gallery, expected_calibration_error, fit_temperature
+from models.loader import BASELINE_MODEL
 from models.recognizer import SkuEmbedder, crop_boxes, prepare_crop
 
 onnx = pytest.importorskip("onnx", reason="onnx (train extra) builds the small test graphs")
@@ -256,9 +258,7 @@ def test_tensorrt_precision_follows_the_installed_tensorrt(tmp_path):
     from models.backends.tensorrt import NetworkSource as Source
     from models.backends.tensorrt import has_qdq, network_source
 
-    plain = (
-        Path(__file__).resolve().parents[1] / "models" / "baseline" / "model" / "detector.onnx"
-    ).read_bytes()
+    plain = (BASELINE_MODEL / "detector.onnx").read_bytes()
     qdq = _qdq_graph(tmp_path / "qdq.onnx").read_bytes()
     assert not has_qdq(plain) and has_qdq(qdq)
     # TensorRT 10: the bundle's ONNX as it is, precision by flags; a calibrator only where no Q/DQ is.
@@ -280,7 +280,7 @@ def test_fp16_detector_for_tensorrt_11_finds_the_same_boxes(small_world, tmp_pat
     sorted (its parser requires it) and, run here by ONNX Runtime, finds the fp32 graph's boxes."""
     from models.backends.tensorrt import network_source
 
-    src = Path(__file__).resolve().parents[1] / "models" / "baseline" / "model" / "detector.onnx"
+    src = BASELINE_MODEL / "detector.onnx"
     source = network_source(src.read_bytes(), "fp16", True)
     assert source.flags == () and not source.calibrate
     model = onnx.load_from_string(source.onnx)
@@ -297,14 +297,14 @@ def test_fp16_detector_for_tensorrt_11_finds_the_same_boxes(small_world, tmp_pat
         img = cv2.imread(str(photo))
         a, b = fp32(img), fp16(img)
         assert len(a) > 5 and abs(len(a) - len(b)) <= 1
-        ious = _pairwise_iou(a.xyxy, b.xyxy).max(1)
+        ious = _iou(a.xyxy, b.xyxy).max(1)
         assert np.median(ious) > 0.98 and (ious > 0.9).mean() > 0.95
 
 
 def test_tensorrt_engine_of_the_shipped_detector_matches_onnxruntime(small_world, tmp_path):
     """On a GPU: the fp16 engine finds ONNX Runtime's boxes, is cached, and a rebuild swaps in while the
     old engine serves. Skipped where TensorRT or a GPU is missing."""
-    src = Path(__file__).resolve().parents[1] / "models" / "baseline" / "model" / "detector.onnx"
+    src = BASELINE_MODEL / "detector.onnx"
     try:
         trt_backend = create_backend("tensorrt", src, cache_dir=tmp_path / "engines")
     except BackendUnavailable as exc:
@@ -317,20 +317,12 @@ def test_tensorrt_engine_of_the_shipped_detector_matches_onnxruntime(small_world
     img = cv2.imread(str(sorted((small_world / "shelf" / "images" / "test").glob("*.jpg"))[0]))
     a, b = fp32(img), on_gpu(img)
     assert len(a) > 5 and abs(len(a) - len(b)) <= 1
-    assert np.median(_pairwise_iou(a.xyxy, b.xyxy).max(1)) > 0.98
+    assert np.median(_iou(a.xyxy, b.xyxy).max(1)) > 0.98
     again = create_backend("tensorrt", src, cache_dir=tmp_path / "engines")  # from the cache, not rebuilt
     assert engines[0].stat().st_mtime_ns == built
     swapped = []
     again.rebuild_in_background(src, on_ready=swapped.append).join(timeout=600)
     assert swapped == [True] and len(ProductDetector(again)(img)) == len(b)
-
-
-def _pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(2)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
 
 # --- gallery --------------------------------------------------------------------------------------------
