@@ -76,9 +76,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _private_key(path: Path):
+    _, serialization, _, _ = _crypto()
+    priv = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    return priv, priv.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def trusted_key_of(private_key_path: Path) -> dict[str, bytes]:
+    """The public half of a signing key, in the form `verify_bundle` takes trusted keys."""
+    _, raw = _private_key(private_key_path)
+    return {key_id(raw): raw}
+
+
 def sign_bundle(directory: Path, manifest: dict, private_key_path: Path) -> dict:
     """Hash every file in `directory`, write the manifest and its signature. Returns the manifest."""
-    _, serialization, _, _ = _crypto()
     directory = Path(directory)
     files = {}
     for p in sorted(directory.rglob("*")):
@@ -90,8 +101,7 @@ def sign_bundle(directory: Path, manifest: dict, private_key_path: Path) -> dict
     for required in ("name", "kind", "version"):
         if required not in manifest:
             raise BundleError(f"manifest needs {required!r}")
-    priv = serialization.load_pem_private_key(Path(private_key_path).read_bytes(), password=None)
-    raw = priv.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    priv, raw = _private_key(private_key_path)
     full = {**manifest, "format_version": FORMAT_VERSION, "files": files, "key_id": key_id(raw)}
     body = json.dumps(full, indent=2, sort_keys=True).encode() + b"\n"
     (directory / MANIFEST).write_bytes(body)

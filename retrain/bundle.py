@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from models.backends import create_backend
-from models.bundle import sign_bundle
+from models.bundle import sign_bundle, trusted_key_of, verify_bundle
+from models.errors import BundleError
 from models.evaluate import build_gallery, embed_paths, image_folder
 from models.gallery import Gallery, fit_temperature
 from models.recognizer import SkuEmbedder, model_fingerprint
@@ -143,6 +144,28 @@ def assemble_model_bundle(
     return sign_bundle(out, manifest, signing_key)
 
 
+SIGNATURE_FIELDS = ("format_version", "files", "key_id")
+"""What `sign_bundle` adds to a manifest: written again by every signature."""
+
+
+def metric_figures(report: dict) -> dict:
+    """The scalar figures of an `eval` or `bench` JSON; per-class tables and error lists stay in the file."""
+    return {k: v for k, v in report.items() if v is None or isinstance(v, int | float | str | bool)}
+
+
+def attach_metrics(bundle_dir: Path, metrics: dict[str, dict], signing_key: Path) -> dict:
+    """Record evaluation figures in a signed bundle's manifest (`metrics`) and sign it again.
+
+    The figures are measured on the assembled bundle, so they can only come after it. The bundle is
+    verified with the same key first: a tampered or foreign one is refused, never signed anew."""
+    if not Path(bundle_dir).is_dir():
+        raise BundleError(f"{bundle_dir}: attach metrics to a bundle directory, then pack it")
+    verified = verify_bundle(Path(bundle_dir), trusted_key_of(signing_key))
+    manifest = {k: v for k, v in verified.manifest.items() if k not in SIGNATURE_FIELDS}
+    manifest["metrics"] = {**manifest.get("metrics", {}), **metrics}
+    return sign_bundle(verified.path, manifest, signing_key)
+
+
 def _place(src: Path, dst: Path, storage: str) -> dict:
     if storage == "float32":
         shutil.copyfile(src, dst)
@@ -189,4 +212,11 @@ def build_gallery_bundle(
     return sign_bundle(out, manifest, signing_key)
 
 
-__all__ = ["Gallery", "assemble_model_bundle", "build_gallery_bundle", "calibrate"]
+__all__ = [
+    "Gallery",
+    "assemble_model_bundle",
+    "attach_metrics",
+    "build_gallery_bundle",
+    "calibrate",
+    "metric_figures",
+]

@@ -435,6 +435,40 @@ def retrain_bundle(
     )
 
 
+@retrain_app.command("metrics")
+def retrain_metrics(
+    bundle: Annotated[Path, typer.Option(help="A signed bundle directory (model or gallery).")],
+    add: Annotated[
+        list[str],
+        typer.Option(help="NAME=FILE: the scalar figures of an `eval`/`bench` JSON, recorded under NAME."),
+    ],
+    signing_key: Annotated[Path, typer.Option(help="The ed25519 private key (PEM) that signed the bundle.")],
+) -> None:
+    """Record measured figures in a bundle's manifest (`metrics`) and sign it again: they are measured on
+    the assembled bundle, so they come after it. The bundle is verified with the same key first."""
+    from models.errors import BundleError
+    from retrain.bundle import attach_metrics, metric_figures
+
+    metrics = {}
+    for item in add:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            _fail(f"--add takes NAME=FILE, got {item!r}")
+        try:
+            report = json.loads(Path(file).read_text())
+        except (OSError, ValueError) as exc:
+            _fail(f"--add {item}: cannot read a JSON report: {exc}")
+        if not isinstance(report, dict):
+            _fail(f"--add {item}: the report is not a JSON object")
+        metrics[name] = {**metric_figures(report), "source": Path(file).name}
+    try:
+        manifest = attach_metrics(bundle, metrics, signing_key)
+    except BundleError as exc:
+        _fail(f"cannot add metrics to {bundle}: {exc}")
+    names = ", ".join(manifest["metrics"])
+    typer.echo(f"signed {bundle} ({manifest['name']} {manifest['version']}), metrics: {names}")
+
+
 @retrain_app.command("gallery")
 def retrain_gallery(
     bundle: Annotated[Path, typer.Option(help="The model bundle whose recognizer embeds the references.")],

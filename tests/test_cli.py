@@ -196,3 +196,46 @@ def test_eval_grocery_separates_few_references_from_the_features(tmp_path):
     # Its val photos look like its later train photos: every reference finds them, the first one alone not.
     assert r["new_sku_top1_all_references"] == 1.0
     assert r["new_sku_top1"] < r["new_sku_top1_all_references"]
+
+
+def test_retrain_metrics_records_figures_and_re_signs_only_an_intact_bundle(tmp_path):
+    from models.bundle import generate_signing_key, sign_bundle, trusted_key_of, verify_bundle
+
+    key = tmp_path / "key.pem"
+    generate_signing_key(key)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "detector.onnx").write_bytes(b"weights")
+    sign_bundle(bundle, {"name": "b", "kind": "model", "version": "1", "metrics": {}}, key)
+    report = tmp_path / "detection.json"
+    report.write_text(json.dumps({"map50": 0.98, "map50_95": 0.79, "images": 15, "per_image": [1, 2]}))
+    ok = runner.invoke(
+        app,
+        [
+            "retrain",
+            "metrics",
+            "--bundle",
+            str(bundle),
+            "--add",
+            f"detection={report}",
+            "--signing-key",
+            str(key),
+        ],
+    )
+    assert ok.exit_code == 0, ok.output
+    manifest = verify_bundle(bundle, trusted_key_of(key)).manifest  # signed again, still verifies
+    assert manifest["metrics"] == {
+        "detection": {"map50": 0.98, "map50_95": 0.79, "images": 15, "source": "detection.json"}
+    }
+    bad = runner.invoke(
+        app, ["retrain", "metrics", "--bundle", str(bundle), "--add", "detection", "--signing-key", str(key)]
+    )
+    assert bad.exit_code == 2 and "NAME=FILE" in bad.output
+    (bundle / "detector.onnx").write_bytes(b"tampered")
+    before = (bundle / "manifest.json").read_bytes()
+    refused = runner.invoke(
+        app,
+        ["retrain", "metrics", "--bundle", str(bundle), "--add", f"d2={report}", "--signing-key", str(key)],
+    )
+    assert refused.exit_code == 2 and "cannot add metrics" in refused.output
+    assert (bundle / "manifest.json").read_bytes() == before  # a tampered bundle is never signed anew
