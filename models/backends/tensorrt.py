@@ -140,7 +140,8 @@ def _onnx():
 
 
 def has_qdq(onnx_bytes: bytes) -> bool:
-    """Whether the model carries its own int8 ranges (QuantizeLinear/DequantizeLinear on activations)."""
+    """Whether the model carries its own int8 ranges: QuantizeLinear nodes on activations (compact weight
+    storage's Cast and Mul are no quantization: they fold into fp32 weights)."""
     graph = _onnx().load_from_string(onnx_bytes).graph
     return any(n.op_type == "QuantizeLinear" for n in graph.node)
 
