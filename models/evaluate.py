@@ -59,13 +59,18 @@ def build_gallery(
 
 
 def evaluate_recognition(
-    embedder: SkuEmbedder, gallery: Gallery, queries: list[tuple[Path, str]], k: int = 5
+    embedder: SkuEmbedder,
+    gallery: Gallery,
+    queries: list[tuple[Path, str]],
+    k: int = 5,
+    query_embeddings: np.ndarray | None = None,
 ) -> dict:
     """Top-1/top-5 and per-class accuracy on queries whose SKU is in the gallery; ECE of the calibrated
-    top-1 probability; unknown-rejection rate on queries whose SKU is not."""
+    top-1 probability; unknown-rejection rate on queries whose SKU is not. `query_embeddings` (of the
+    queries, in order) spares embedding them again when one query set meets several galleries."""
     if not queries:
         raise ValueError("no query images")
-    emb = embed_paths(embedder, [p for p, _ in queries])
+    emb = embed_paths(embedder, [p for p, _ in queries]) if query_embeddings is None else query_embeddings
     truth = [lbl for _, lbl in queries]
     result = gallery.classify(emb, k)
     known_skus = set(gallery.sku_ids)

@@ -650,8 +650,11 @@ def eval_grocery(
         return Gallery(embeddings[rows], picked, picked, mb.embedder.fingerprint, "grocery", **cal)
 
     queries = [(s.path, s.label) for s in grocery_store(root, "val")]
-    r = evaluate_recognition(mb.embedder, gallery(few), queries)
-    every = evaluate_recognition(mb.embedder, gallery(list(range(len(train)))), queries)["per_class"]
+    asked = embed_paths(mb.embedder, [p for p, _ in queries])
+    r = evaluate_recognition(mb.embedder, gallery(few), queries, query_embeddings=asked)
+    every = evaluate_recognition(
+        mb.embedder, gallery(list(range(len(train)))), queries, query_embeddings=asked
+    )["per_class"]
     per_class = r["per_class"]
     new = [v for k, v in per_class.items() if k in new_skus]
     seen = [v for k, v in per_class.items() if k not in new_skus]
