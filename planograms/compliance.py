@@ -704,10 +704,8 @@ def _register(
         and mm[core].max() > 0.65 * bay.width_mm
     ):
         hom = _fit_homography(np.stack([mm, y_mm], 1)[core], np.stack([px, py], 1)[core], wt[core])
-        if hom is not None:
-            x_h = _apply_h(hom, mm[core], y_mm[core])
-            if (np.abs(x_h - px[core]) / a_b[core] > tight[core]).any():
-                hom = None
+        if hom is not None and _strays(_apply_h(hom, mm[core], y_mm[core]), px[core], a_b[core], tight[core]):
+            hom = None
         if hom is not None:
             limit = 0.03 * bay.width_mm
             for row in rows:
@@ -717,7 +715,7 @@ def _register(
                 b_r = model[2] + model[3] * row.y_px
                 ends = np.array([0.0, bay.width_mm])
                 x_h = _apply_h(hom, ends, np.full(2, row.plan.y_mm))
-                if (np.abs(x_h - (a_r * ends + b_r)) / a_r > limit).any():
+                if _strays(x_h, a_r * ends + b_r, a_r, limit):
                     hom = None
                     break
     n_fitted = 0
@@ -809,7 +807,15 @@ def _fit_homography(src: np.ndarray, dst: np.ndarray, weight: np.ndarray) -> np.
 
 
 def _apply_h(h: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return (h[0, 0] * x + h[0, 1] * y + h[0, 2]) / (h[2, 0] * x + h[2, 1] * y + h[2, 2])
+    """Image x of bay points; inf or NaN where the homography sends a point to infinity."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (h[0, 0] * x + h[0, 1] * y + h[0, 2]) / (h[2, 0] * x + h[2, 1] * y + h[2, 2])
+
+
+def _strays(x_h: np.ndarray, x_px: np.ndarray, scale, tol) -> bool:
+    """Whether a homography misplaces any point by more than `tol` (in mm at `scale` px/mm). A point it
+    sends to infinity strays too: NaN compares false, so a bare `>` test would keep that homography."""
+    return bool((~np.isfinite(x_h)).any() or (np.abs(x_h - x_px) / scale > tol).any())
 
 
 def _row_from_h(h: np.ndarray, y_mm: float, width_mm: float) -> _Model | None:

@@ -702,3 +702,19 @@ def test_ground_truth_detections_on_the_small_world(small_world):
     assert result["partial_images"] == 0
     for label in ("correct", "misplaced_same_row", "wrong_shelf", "out_of_stock"):
         assert result["per_label"][label]["support"] > 0
+
+
+def test_a_homography_that_sends_a_point_to_infinity_is_rejected():
+    """The bay-to-image homography is kept only if it places every fitted facing; one whose denominator
+    vanishes at a facing gives NaN or inf there, which a plain `>` test would have let through."""
+    from planograms.compliance import _apply_h, _strays
+
+    h = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.01, 0.0, -1.0]])  # w = 0 at x = 100 mm
+    x_mm = np.array([0.0, 100.0, 200.0])
+    x_h = _apply_h(h, x_mm, np.zeros(3))
+    assert not np.isfinite(x_h[1])
+    good = x_h.copy()
+    good[1] = 0.0
+    assert _strays(x_h, good, 1.0, 0.5)
+    assert not _strays(good, good, 1.0, 0.5)
+    assert _strays(good, good + 1.0, 1.0, 0.5)
