@@ -6,7 +6,7 @@ demo:
 	.venv/bin/shelfloop demo
 
 test:
-	./deploy/setup.sh sim,edge,cloud,train,dev
+	./deploy/setup.sh sim,edge,intel,cloud,train,dev
 	.venv/bin/ruff check .
 	.venv/bin/pytest
 
@@ -14,4 +14,4 @@ lint:
 	.venv/bin/ruff check .
 
 setup:
-	./deploy/setup.sh sim,edge,cloud,train,dev
+	./deploy/setup.sh sim,edge,intel,cloud,train,dev

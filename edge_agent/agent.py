@@ -559,13 +559,15 @@ def load_pipeline(settings: Any) -> Pipeline:
     model_path = Path(active.model_path) if active.model_path else edge.model_bundle or BASELINE_MODEL
     gallery_path = Path(active.gallery_path) if active.gallery_path else edge.gallery or BASELINE_GALLERY
     try:
-        bundle = load_model_bundle(model_path, keys, backend=edge.backend)
+        bundle = load_model_bundle(model_path, keys, backend=edge.backend, precision=edge.precision)
         gallery = load_gallery(gallery_path, keys, embedder=bundle.embedder)
     except Exception:
         if not (active.model_path or active.gallery_path):
             raise
         log.exception("the last activated release does not load; falling back to the configured models")
-        bundle = load_model_bundle(edge.model_bundle or BASELINE_MODEL, keys, backend=edge.backend)
+        bundle = load_model_bundle(
+            edge.model_bundle or BASELINE_MODEL, keys, backend=edge.backend, precision=edge.precision
+        )
         gallery = load_gallery(edge.gallery or BASELINE_GALLERY, keys, embedder=bundle.embedder)
     return Pipeline(bundle.detector, bundle.recognizer(gallery), bundle.version, gallery.version)
 
@@ -582,7 +584,7 @@ def release_manager(settings: Any, agent: EdgeAgent) -> Any:
         data_dir=Path(edge.data_dir),
         current=lambda: agent.pipeline,
         swap=agent.swap_pipeline,
-        load_model=lambda path: load_model_bundle(path, keys, backend=edge.backend),
+        load_model=lambda path: load_model_bundle(path, keys, backend=edge.backend, precision=edge.precision),
         load_gallery=lambda path, embedder: load_gallery(path, keys, embedder=embedder),
         make_pipeline=lambda bundle, gallery: Pipeline(
             bundle.detector, SkuRecognizer(bundle.embedder, gallery), bundle.version, gallery.version

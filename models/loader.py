@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.backends import create_backend
+from models.backends import check_precision, create_backend
 from models.bundle import VerifiedBundle, load_public_keys, verify_bundle
 from models.detector import ProductDetector
 from models.errors import BundleError, GalleryMismatch
@@ -48,9 +48,15 @@ def load_model_bundle(
     path: Path = BASELINE_MODEL,
     trusted_keys: dict[str, bytes] | None = None,
     backend: str = "onnxruntime",
+    precision: str | None = None,
     **backend_options,
 ) -> ModelBundle:
-    """Verify and load a model bundle (detector + recognizer) on the configured backend."""
+    """Verify and load a model bundle (detector + recognizer) on the configured backend.
+
+    `precision` (default: the backend's own, see `PRECISIONS`) is what the detector computes in. The
+    recognizer always computes in fp32: its gallery was embedded in fp32, and look-alike SKUs sit closer
+    together than a bf16 or fp16 rounding moves an embedding."""
+    precision = check_precision(backend, precision)
     verified = verify_bundle(Path(path), trusted_keys or default_trusted_keys(), kind="model")
     m = verified.manifest
     try:
@@ -60,6 +66,8 @@ def load_model_bundle(
     # The largest (training) input, NCHW: what a dynamic-input detector's frames are fitted into.
     det_input = tuple(int(d) for d in det_spec["input"]) if "input" in det_spec else None
     det_options = dict(backend_options)
+    if backend != "onnxruntime":
+        det_options["precision"] = precision
     if backend == "tensorrt" and det_input is not None:
         det_options["input_shape"] = det_input
     det_backend = create_backend(backend, verified.file(det_spec["file"]), **det_options)

@@ -27,7 +27,7 @@ _EDGE = textwrap.dedent("""
     import cv2, numpy as np
     from models.loader import load_model_bundle
     args = json.loads(sys.argv[1])
-    mb = load_model_bundle(args["bundle"])
+    mb = load_model_bundle(args["bundle"], backend=args["backend"], precision=args["precision"])
     imgs = [cv2.imread(p) for p in args["images"]]
     crops = [cv2.imread(p) for p in args["crops"]]
     for im in imgs[:3]:
@@ -46,7 +46,8 @@ _EDGE = textwrap.dedent("""
     torch_loaded = "torch" in sys.modules
     hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
     print(json.dumps({"peak_rss_mb": int(hwm) / 1024, "torch_loaded": torch_loaded,
-                      "provider": mb.detector.backend.device}), flush=True)
+                      "provider": mb.detector.backend.device,
+                      "recognizer_provider": mb.embedder.backend.device}), flush=True)
 """)
 
 _TORCH = textwrap.dedent("""
@@ -161,10 +162,14 @@ def run(
     repeats: int = 3,
     batch: int = 16,
     work_dir: Path = Path("var/bench"),
+    backend: str = "onnxruntime",
+    precision: str | None = None,
 ) -> dict:
     manifest = json.loads((Path(bundle) / "manifest.json").read_text())
     args = {
         "bundle": str(bundle),
+        "backend": backend,
+        "precision": precision,
         "images": [str(p) for p in images],
         "crops": [str(p) for p in crops],
         "repeats": repeats,
@@ -195,6 +200,7 @@ def run(
         "recognizer_batch": batch,
         "rounds": repeats,
         "provider": edge["provider"],
+        "recognizer_provider": edge["recognizer_provider"],
     }
     for part in ("det", "rec"):
         e_ms = [ms for r in rounds for ms in r["edge"][f"{part}_ms"]]

@@ -72,6 +72,16 @@ ConfigOpt = Annotated[
 ]
 
 
+BackendOpt = Annotated[
+    str,
+    typer.Option(help="Inference backend for the detector and recognizer: onnxruntime, openvino, tensorrt."),
+]
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(help="What the detector computes in: fp32, bf16, fp16, int8 (default: the backend's own)."),
+]
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(message, fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -499,9 +509,8 @@ def eval_recognition(
     """Top-1, top-5, per-class accuracy, ECE and unknown-rejection rate of the recognizer, run through the
     exported ONNX with the bundle's calibration."""
     from models.evaluate import build_gallery, evaluate_recognition, image_folder
-    from models.loader import BASELINE_MODEL, load_model_bundle
 
-    mb = _load_bundle(load_model_bundle, bundle or BASELINE_MODEL)
+    mb = _load_bundle(bundle)
     cal = mb.calibration
     g = build_gallery(
         mb.embedder,
@@ -533,14 +542,15 @@ def eval_detection(
     ],
     split: Annotated[str, typer.Option(help="Split to score when a data YAML is used.")] = "test",
     bundle: Annotated[Path | None, typer.Option(help="Model bundle (default: the shipped baseline).")] = None,
+    backend: BackendOpt = "onnxruntime",
+    precision: PrecisionOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
 ) -> None:
     """mAP50 and mAP50-95 of the detector, computed through the edge runtime (ONNX + our own decode/NMS)."""
     from models.evaluate import evaluate_detection
-    from models.loader import BASELINE_MODEL, load_model_bundle
     from shelfloop.sim.checks import dataset_images
 
-    mb = _load_bundle(load_model_bundle, bundle or BASELINE_MODEL)
+    mb = _load_bundle(bundle, backend, precision)
     mb.detector.conf_threshold = 0.001  # score the whole precision-recall curve, as mAP needs
     images = dataset_images(dataset, split)
     if not images:
@@ -569,6 +579,8 @@ def eval_compliance(
     conf: Annotated[
         float | None, typer.Option(help="Detector confidence threshold (default: the bundle's).")
     ] = None,
+    backend: BackendOpt = "onnxruntime",
+    precision: PrecisionOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
 ) -> None:
     """Per-label precision, recall and F1 of planogram compliance on a world's ground truth, running the
@@ -581,9 +593,8 @@ def eval_compliance(
     if not ground_truth_detections:
         from edge_agent.shelf import observation_from_detections
         from models.evaluate import build_gallery, image_folder
-        from models.loader import BASELINE_MODEL, load_model_bundle
 
-        mb = _load_bundle(load_model_bundle, bundle or BASELINE_MODEL)
+        mb = _load_bundle(bundle, backend, precision)
         if conf is not None:
             mb.detector.conf_threshold = conf
         cal = {k: v for k, v in mb.calibration.items() if k != "fitted_on"}
@@ -627,10 +638,9 @@ def eval_grocery(
     features allow, apart from how few references there are."""
     from models.evaluate import embed_paths, evaluate_recognition
     from models.gallery import Gallery
-    from models.loader import BASELINE_MODEL, load_model_bundle
     from retrain.datasets import grocery_store
 
-    mb = _load_bundle(load_model_bundle, bundle or BASELINE_MODEL)
+    mb = _load_bundle(bundle)
     trained = mb.bundle.manifest["recognizer"].get("training", {}).get("recipe", {}).get("data", {})
     new_skus = set(trained.get("holdout_classes", []))
     train = grocery_store(root, "train")
@@ -687,11 +697,13 @@ def _ultralytics_baseline():
     return ultralytics_detector_latency
 
 
-def _load_bundle(loader, path: Path):
+def _load_bundle(path: Path | None, backend: str = "onnxruntime", precision: str | None = None):
     from models.errors import ModelError
+    from models.loader import BASELINE_MODEL, load_model_bundle
 
+    path = path or BASELINE_MODEL
     try:
-        return loader(path)
+        return load_model_bundle(path, backend=backend, precision=precision)
     except ModelError as exc:
         _fail(f"cannot use bundle {path}: {exc}")
 
@@ -731,11 +743,15 @@ def bench_models(
     ] = None,
     images: Annotated[int, typer.Option(min=1, help="Shelf + checkout frames to time.")] = 16,
     repeats: Annotated[int, typer.Option(min=1)] = 3,
+    backend: BackendOpt = "onnxruntime",
+    precision: PrecisionOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
 ) -> None:
     """Detector and recognizer latency (median, p95) and peak memory: Ultralytics/PyTorch `predict` against
     the edge runtime on the same weights and images, each in its own process, in one run, taking turns
     for REPEATS rounds of one pass each (the speed-up of each round is printed as a range). Needs `train`."""
+    from models.backends import check_precision
+    from models.errors import ModelError
     from models.loader import BASELINE_MODEL
     from retrain.bench import run
     from shelfloop.sim.generate import WorldSpec, generate
@@ -747,10 +763,23 @@ def bench_models(
     frames = sorted((world / "shelf" / "images").rglob("*.jpg"))[: images // 2]
     frames += sorted((world / "checkout" / "images").rglob("*.jpg"))[: images - len(frames)]
     crops = sorted((world / "crops").rglob("*.jpg"))[:64]
-    r = run(bundle or BASELINE_MODEL, detector_pt, recognizer_pt, frames, crops, repeats)
+    try:
+        check_precision(backend, precision)
+    except ModelError as exc:
+        _fail(str(exc))
+    r = run(
+        bundle or BASELINE_MODEL,
+        detector_pt,
+        recognizer_pt,
+        frames,
+        crops,
+        repeats,
+        backend=backend,
+        precision=precision,
+    )
     typer.echo(
-        f"{r['images']} frames, {r['crops']} crops (batches of {r['recognizer_batch']}), edge on "
-        f"{r['provider']}"
+        f"{r['images']} frames, {r['crops']} crops (batches of {r['recognizer_batch']}), edge detector on "
+        f"{r['provider']}, recognizer on {r['recognizer_provider']}"
     )
     for name in ("detector", "recognizer"):
         e, t = r[name]["edge"], r[name]["ultralytics_pytorch"]
@@ -780,6 +809,8 @@ def bench_edge(
     ] = None,
     frames: Annotated[int, typer.Option(min=1, help="Frames per pipeline (shelf, checkout).")] = 8,
     repeats: Annotated[int, typer.Option(min=1)] = 3,
+    backend: BackendOpt = "onnxruntime",
+    precision: PrecisionOpt = None,
     ultralytics: Annotated[
         bool, typer.Option(help="Time Ultralytics predict on the same ONNX (separate process).")
     ] = True,
@@ -804,7 +835,7 @@ def bench_edge(
 
     keys = default_trusted_keys(list(trusted_key or []))
     try:
-        mb = load_model_bundle(bundle or BASELINE_MODEL, keys)
+        mb = load_model_bundle(bundle or BASELINE_MODEL, keys, backend=backend, precision=precision)
         gal = load_gallery(gallery or BASELINE_GALLERY, keys, embedder=mb.embedder)
     except ModelError as exc:
         _fail(f"cannot load the models: {exc}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_ENV = "SHELFLOOP_CONFIG"
@@ -108,7 +108,10 @@ class EdgeSettings(_Section):
     store_id: str = Field("store-001", pattern=_ID)
     device_id: str = Field("edge-001", pattern=_ID)
     data_dir: Path = Path("var/edge")
-    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    backend: Literal["onnxruntime", "tensorrt", "openvino"] = "onnxruntime"
+    # What the detector computes in; None: the backend's default (onnxruntime and openvino fp32,
+    # tensorrt fp16). openvino bf16 needs a CPU with AVX512-BF16 or AMX.
+    precision: Literal["fp32", "fp16", "bf16", "int8"] | None = None
     cameras: list[CameraSettings] = []
     model_bundle: Path | None = None  # None: the shipped baseline (models/baseline/model)
     gallery: Path | None = None  # None: the shipped baseline gallery
@@ -122,6 +125,17 @@ class EdgeSettings(_Section):
     uplink: EdgeUplinkSettings = EdgeUplinkSettings()
     routing: EdgeRoutingSettings = EdgeRoutingSettings()
     checkout: EdgeCheckoutSettings = EdgeCheckoutSettings()
+
+    @model_validator(mode="after")
+    def _backend_computes_in_precision(self) -> EdgeSettings:
+        from models.backends import PRECISIONS
+
+        if self.precision is not None and self.precision not in PRECISIONS[self.backend]:
+            raise ValueError(
+                f"backend {self.backend!r} computes in {', '.join(PRECISIONS[self.backend])}, "
+                f"not {self.precision!r}"
+            )
+        return self
 
 
 class BrokerAdminSettings(_Section):

@@ -196,7 +196,7 @@ def test_prepare_crop_keeps_aspect_and_pads():
 
 def test_unknown_backend_and_corrupt_model(tmp_path, fake_embedder_onnx):
     with pytest.raises(BackendUnavailable, match="unknown inference backend"):
-        create_backend("openvino", fake_embedder_onnx)
+        create_backend("coral", fake_embedder_onnx)
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(fake_embedder_onnx.read_bytes()[:40])
     with pytest.raises(ModelError, match=r"cannot load broken\.onnx"):

@@ -44,6 +44,8 @@ def test_toml_file_and_config_env_var(tmp_path, monkeypatch):
         ("storage:\n  backend: ftp\n", "storage.backend:"),
         ("edge:\n  cameras:\n    - {camera_id: c1, source: '0', role: aisle}\n", "edge.cameras.0.role:"),
         ("edge:\n  device_id: 'dev/1'\n", "edge.device_id:"),
+        ("edge:\n  backend: onnxruntime\n  precision: bf16\n", "edge: Value error, backend 'onnxruntime'"),
+        ("edge:\n  backend: openvino\n  precision: int8\n", "edge: Value error, backend 'openvino'"),
         ("shelves: 3\n", "shelves: unknown key"),
     ],
 )

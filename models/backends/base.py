@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.errors import ModelError
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -44,3 +46,15 @@ class InferenceBackend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release native resources."""
+
+
+def check_input_shapes(model_name: str, specs: list[TensorSpec], inputs: tuple[np.ndarray, ...]) -> None:
+    """Refuse inputs of the wrong count or shape with their names, before a runtime says it cryptically."""
+    if len(inputs) != len(specs):
+        raise ModelError(f"{model_name} takes {len(specs)} inputs, got {len(inputs)}")
+    for spec, arr in zip(specs, inputs, strict=True):
+        want = spec.shape
+        if len(want) != arr.ndim or any(
+            isinstance(w, int) and w != g for w, g in zip(want, arr.shape, strict=True)
+        ):
+            raise ModelError(f"{model_name}: input {spec.name} must have shape {want}, got {arr.shape}")

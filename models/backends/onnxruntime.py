@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.backends.base import InferenceBackend, TensorSpec
+from models.backends.base import InferenceBackend, TensorSpec, check_input_shapes
 from models.errors import BackendUnavailable, ModelError
 
 log = logging.getLogger(__name__)
@@ -106,18 +106,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         return self.active_providers[0]
 
     def infer(self, *inputs: np.ndarray) -> list[np.ndarray]:
-        if len(inputs) != len(self._input_names):
-            raise ModelError(
-                f"{self.model_path.name} takes {len(self._input_names)} inputs, got {len(inputs)}"
-            )
-        for spec, arr in zip(self.inputs, inputs, strict=True):
-            want = spec.shape
-            if len(want) != arr.ndim or any(
-                isinstance(w, int) and w != g for w, g in zip(want, arr.shape, strict=True)
-            ):
-                raise ModelError(
-                    f"{self.model_path.name}: input {spec.name} must have shape {want}, got {arr.shape}"
-                )
+        check_input_shapes(self.model_path.name, self.inputs, inputs)
         try:
             return self.session.run(self._output_names, dict(zip(self._input_names, inputs, strict=True)))
         except Exception as exc:  # onnxruntime's own error types: type mismatches, bad values
