@@ -214,6 +214,12 @@ def test_wrong_input_size_is_named(fake_embedder_onnx):
         backend.infer(np.zeros((1, 3, 32, 32), np.float32), np.zeros(1))
 
 
+def test_sessions_stop_spinning_when_their_run_ends(fake_embedder_onnx):
+    """Detector and recognizer sessions share the cores: one's idle threads must not spin on the other's."""
+    session = create_backend("onnxruntime", fake_embedder_onnx).session
+    assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+
+
 def test_missing_gpu_provider_is_reported_not_hidden(fake_embedder_onnx, caplog):
     backend = create_backend("onnxruntime", fake_embedder_onnx, providers=("cuda", "cpu"))
     import onnxruntime as ort
