@@ -128,3 +128,17 @@ def test_eval_detection_on_openvino_scores_as_onnxruntime(small_world, tmp_path)
         assert abs(scores["openvino"][key] - scores["onnxruntime"][key]) < 1e-3
     refused = CliRunner().invoke(app, [*args[:4], "--backend", "onnxruntime", "--precision", "bf16"])
     assert refused.exit_code == 2 and "computes in fp32, not 'bf16'" in refused.output
+
+
+def test_cameras_on_threads_share_one_backend():
+    """One infer request serves every camera thread: each call gets its own answer, none is refused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = create_backend("openvino", RECOGNIZER)
+    rng = np.random.default_rng(0)
+    batches = [rng.uniform(0, 255, (2, 3, 192, 192)).astype(np.float32) for _ in range(8)]
+    alone = [backend.infer(x)[0] for x in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda x: backend.infer(x)[0], batches * 3))
+    for i, got in enumerate(together):
+        np.testing.assert_allclose(got, alone[i % len(batches)], atol=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,7 @@ class OpenVinoBackend(InferenceBackend):
             msg = f"{device} cannot compute in {precision} (it offers {capabilities})"
             if require_precision:
                 raise BackendUnavailable(msg)
-            log.warning("FALLBACK: %s; asking for fp32", msg)
-            ov_type = "f32"
+            ov_type = "f32"  # the FALLBACK warning follows, once compiled
         config = {"INFERENCE_PRECISION_HINT": ov_type, "PERFORMANCE_HINT": "LATENCY"}
         if device == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads or os.cpu_count() or 1
@@ -74,6 +74,7 @@ class OpenVinoBackend(InferenceBackend):
             log.warning("FALLBACK: %s", msg)
         self._device = device
         self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()  # one request, reused: cameras on threads take turns
         self._inputs = [_spec(p) for p in self.compiled.inputs]
         self._outputs = [_spec(p) for p in self.compiled.outputs]
 
@@ -92,11 +93,12 @@ class OpenVinoBackend(InferenceBackend):
     def infer(self, *inputs: np.ndarray) -> list[np.ndarray]:
         check_input_shapes(self.model_path.name, self._inputs, inputs)
         try:
-            result = self._request.infer(list(inputs))
+            with self._lock:
+                result = self._request.infer(list(inputs))
+                # The request reuses its output buffers on the next call: hand out copies.
+                return [np.array(result[port]) for port in self.compiled.outputs]
         except Exception as exc:  # type mismatches and bad values come back as RuntimeError
             raise ModelError(f"{self.model_path.name}: inference failed: {exc}") from exc
-        # The request reuses its output buffers on the next call: hand out copies.
-        return [np.array(result[port]) for port in self.compiled.outputs]
 
 
 def _spec(port) -> TensorSpec:
