@@ -13,8 +13,13 @@ from shelfloop.cli import app
 pytestmark = pytest.mark.train
 
 
-def test_bench_models_interleaves_rounds_of_both_sides(small_world, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("backend", "device"), [("onnxruntime", "CPUExecutionProvider"), ("openvino", "OpenVINO CPU fp32")]
+)
+def test_bench_models_interleaves_rounds_of_both_sides(small_world, tmp_path, monkeypatch, backend, device):
     pytest.importorskip("ultralytics", reason="the train extra (ultralytics) is not installed")
+    if backend == "openvino":
+        pytest.importorskip("openvino", reason="openvino is the optional `intel` extra")
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     out = tmp_path / "bench.json"
     args = [
@@ -26,6 +31,8 @@ def test_bench_models_interleaves_rounds_of_both_sides(small_world, tmp_path, mo
         "2",
         "--repeats",
         "3",
+        "--backend",
+        backend,
         "--json",
         str(out),
     ]
@@ -33,6 +40,7 @@ def test_bench_models_interleaves_rounds_of_both_sides(small_world, tmp_path, mo
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())
     assert r["rounds"] == 3 and r["images"] == 2
+    assert r["provider"] == r["recognizer_provider"] == device
     for part in ("detector", "recognizer"):
         assert r[part]["edge"]["n"] == r[part]["ultralytics_pytorch"]["n"]
         assert len(r[part]["speedup_per_round"]) == 3 and min(r[part]["speedup_per_round"]) > 0
