@@ -74,7 +74,10 @@ ConfigOpt = Annotated[
 
 BackendOpt = Annotated[
     str,
-    typer.Option(help="Inference backend for the detector and recognizer: onnxruntime, openvino, tensorrt."),
+    typer.Option(
+        help="Inference backend: onnxruntime, openvino, or tensorrt (detector only; the recognizer stays on "
+        "onnxruntime)."
+    ),
 ]
 PrecisionOpt = Annotated[
     str | None,
