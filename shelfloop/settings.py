@@ -128,13 +128,13 @@ class EdgeSettings(_Section):
 
     @model_validator(mode="after")
     def _backend_computes_in_precision(self) -> EdgeSettings:
-        from models.backends import PRECISIONS
+        from models.backends import check_precision
+        from models.errors import BackendUnavailable
 
-        if self.precision is not None and self.precision not in PRECISIONS[self.backend]:
-            raise ValueError(
-                f"backend {self.backend!r} computes in {', '.join(PRECISIONS[self.backend])}, "
-                f"not {self.precision!r}"
-            )
+        try:
+            check_precision(self.backend, self.precision)
+        except BackendUnavailable as exc:
+            raise ValueError(str(exc)) from exc
         return self
 
 
