@@ -359,6 +359,12 @@ def retrain_recognizer(
     lr_backbone: Annotated[float, typer.Option(help="Learning rate of the unfrozen backbone.")] = 4e-4,
     margin: Annotated[float, typer.Option(help="CosFace additive margin.")] = 0.25,
     scale: Annotated[float, typer.Option(help="CosFace logit scale.")] = 24.0,
+    frozen_blocks: Annotated[
+        int,
+        typer.Option(
+            min=0, max=16, help="MBConv blocks (of 16) that keep their ImageNet weights, after the stem."
+        ),
+    ] = 3,
     init: Annotated[
         Path | None, typer.Option(help="A recognizer.pt to continue from (default: ImageNet weights).")
     ] = None,
@@ -384,6 +390,7 @@ def retrain_recognizer(
         lr_backbone=lr_backbone,
         margin=margin,
         scale=scale,
+        frozen_blocks=frozen_blocks,
         init=str(init) if init else None,
         data=info,
     )
