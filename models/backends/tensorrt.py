@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.backends import PRECISIONS
 from models.backends.base import InferenceBackend, TensorSpec
 from models.errors import BackendUnavailable, ModelError
 
@@ -177,7 +178,7 @@ def fp16_onnx(onnx_bytes: bytes) -> bytes:
 
 def network_source(onnx_bytes: bytes, precision: str, strongly_typed: bool) -> NetworkSource:
     """The model and flags that give `precision` on this TensorRT (see the module docstring)."""
-    if precision not in ("fp32", "fp16", "int8"):
+    if precision not in PRECISIONS["tensorrt"]:
         raise ModelError(f"unknown TensorRT precision {precision!r}")
     qdq = has_qdq(onnx_bytes)
     if not strongly_typed:
@@ -337,7 +338,7 @@ class TensorRTBackend(InferenceBackend):
         input_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__(model_path)
-        if precision not in ("fp32", "fp16", "int8"):
+        if precision not in PRECISIONS["tensorrt"]:
             raise BackendUnavailable(f"unknown TensorRT precision {precision!r}")
         self.trt, self.cudart = _import_trt()
         self.precision = precision
