@@ -640,12 +640,22 @@ def eval_grocery(
     new_sku_refs: Annotated[
         int, typer.Option(min=1, help="Reference photos per class kept out of training.")
     ] = 5,
+    draws: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Also draw the new-SKU references at random this many times (seeds 0..N-1) and report "
+            "the spread: with a few references the figure moves with which ones are taken.",
+        ),
+    ] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
 ) -> None:
     """Fine-grained recognition on real photos: gallery = the train split (classes the bundle was not trained
-    on get only NEW_SKU_REFS references each: the "new SKU" case), queries = the val split. Also reports
-    the new-SKU accuracy with every train photo of those classes as a reference: what the network's
-    features allow, apart from how few references there are."""
+    on get only their first NEW_SKU_REFS photos as references: the "new SKU" case), queries = the val
+    split. Also reports the new-SKU accuracy with every train photo of those classes as a reference: what
+    the network's features allow, apart from how few references there are."""
+    import random
+
     from models.evaluate import embed_paths, evaluate_recognition
     from models.gallery import Gallery
     from retrain.datasets import grocery_store
@@ -656,12 +666,19 @@ def eval_grocery(
     train = grocery_store(root, "train")
     embeddings = embed_paths(mb.embedder, [s.path for s in train])
     labels = [s.label for s in train]
-    taken: dict[str, int] = {}
-    few = []  # the first NEW_SKU_REFS photos of a new-SKU class, every photo of the others
+    by_class: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
-        taken[label] = taken.get(label, 0) + 1
-        if label not in new_skus or taken[label] <= new_sku_refs:
-            few.append(i)
+        by_class.setdefault(label, []).append(i)
+
+    def references(rng: random.Random | None = None) -> list[int]:
+        """Every photo of a trained class; of a new-SKU class its first NEW_SKU_REFS, or a random draw."""
+        rows = []
+        for label, idx in by_class.items():
+            if label in new_skus:
+                idx = rng.sample(idx, min(new_sku_refs, len(idx))) if rng else idx[:new_sku_refs]
+            rows += idx
+        return sorted(rows)
+
     cal = {k: v for k, v in mb.calibration.items() if k != "fitted_on"}
     cal["unknown_threshold"] = 2.0
 
@@ -671,7 +688,7 @@ def eval_grocery(
 
     queries = [(s.path, s.label) for s in grocery_store(root, "val")]
     asked = embed_paths(mb.embedder, [p for p, _ in queries])
-    r = evaluate_recognition(mb.embedder, gallery(few), queries, query_embeddings=asked)
+    r = evaluate_recognition(mb.embedder, gallery(references()), queries, query_embeddings=asked)
     every = evaluate_recognition(
         mb.embedder, gallery(list(range(len(train)))), queries, query_embeddings=asked
     )["per_class"]
@@ -686,6 +703,19 @@ def eval_grocery(
     r["new_sku_top1"], r["seen_sku_top1"] = acc(new), acc(seen)
     r["new_sku_top1_all_references"] = acc([v for k, v in every.items() if k in new_skus])
     r["new_sku_classes"], r["new_sku_queries"] = sorted(new_skus), sum(v["n"] for v in new)
+    if draws and not new_skus:
+        typer.echo("the bundle kept no Grocery class out of training: no references to draw", err=True)
+    elif draws:
+        figures: dict[str, list[float]] = {"top1": [], "new_sku_top1": []}
+        for seed in range(draws):
+            d = evaluate_recognition(
+                mb.embedder, gallery(references(random.Random(seed))), queries, query_embeddings=asked
+            )
+            figures["top1"].append(d["top1"])
+            figures["new_sku_top1"].append(acc([v for k, v in d["per_class"].items() if k in new_skus]))
+        r["draws"] = {"n": draws} | {
+            k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for k, v in figures.items()
+        }
     typer.echo(
         f"bundle {mb.version}: {r['queries']} val photos of {len(per_class)} classes; gallery "
         f"{r['gallery_references']} train photos ({len(new_skus)} new-SKU classes with "
@@ -694,6 +724,10 @@ def eval_grocery(
     for key in ("top1", "top5", "seen_sku_top1", "new_sku_top1", "new_sku_top1_all_references", "ece"):
         v = r[key]
         typer.echo(f"  {key:28s} {'n/a' if v is None else f'{v:.4f}'}")
+    for key, v in r.get("draws", {}).items():
+        if key != "n":
+            label = f"{key} over {draws} draws"
+            typer.echo(f"  {label:28s} {v['mean']:.4f} mean ({v['min']:.4f}–{v['max']:.4f})")
     if json_out:
         json_out.write_text(json.dumps(r, indent=2) + "\n")
 

@@ -198,6 +198,21 @@ def test_eval_grocery_separates_few_references_from_the_features(tmp_path):
     assert r["new_sku_top1"] < r["new_sku_top1_all_references"]
 
 
+def test_eval_grocery_draws_show_how_the_new_sku_figure_moves_with_the_references(tmp_path):
+    _grocery_like(tmp_path / "gs")
+    out = tmp_path / "grocery.json"
+    args = ["eval", "grocery", "--root", str(tmp_path / "gs"), "--new-sku-refs", "1", "--draws", "8"]
+    result = runner.invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    drawn = r["draws"]["new_sku_top1"]
+    assert r["draws"]["n"] == 8 and "new_sku_top1 over 8 draws" in result.output
+    # Cantaloupe's first photo (checks) finds none of its val photos (circles); a draw of a circle photo does.
+    assert r["new_sku_top1"] == drawn["min"] == 0.0
+    assert drawn["max"] == 1.0 and 0.0 < drawn["mean"] < 1.0
+    assert r["draws"]["top1"]["min"] <= r["draws"]["top1"]["mean"] <= r["draws"]["top1"]["max"]
+
+
 def test_retrain_metrics_records_figures_and_re_signs_only_an_intact_bundle(tmp_path):
     from models.bundle import generate_signing_key, sign_bundle, trusted_key_of, verify_bundle
 
