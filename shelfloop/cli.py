@@ -700,8 +700,11 @@ def eval_grocery(
         n = sum(v["n"] for v in rows)
         return sum(v["correct"] for v in rows) / n if n else None
 
+    def new_sku_top1(per_class: dict) -> float | None:
+        return acc([v for k, v in per_class.items() if k in new_skus])
+
     r["new_sku_top1"], r["seen_sku_top1"] = acc(new), acc(seen)
-    r["new_sku_top1_all_references"] = acc([v for k, v in every.items() if k in new_skus])
+    r["new_sku_top1_all_references"] = new_sku_top1(every)
     r["new_sku_classes"], r["new_sku_queries"] = sorted(new_skus), sum(v["n"] for v in new)
     if draws and not new_skus:
         typer.echo("the bundle kept no Grocery class out of training: no references to draw", err=True)
@@ -712,7 +715,7 @@ def eval_grocery(
                 mb.embedder, gallery(references(random.Random(seed))), queries, query_embeddings=asked
             )
             figures["top1"].append(d["top1"])
-            figures["new_sku_top1"].append(acc([v for k, v in d["per_class"].items() if k in new_skus]))
+            figures["new_sku_top1"].append(new_sku_top1(d["per_class"]))
         r["draws"] = {"n": draws} | {
             k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for k, v in figures.items()
         }
@@ -724,10 +727,9 @@ def eval_grocery(
     for key in ("top1", "top5", "seen_sku_top1", "new_sku_top1", "new_sku_top1_all_references", "ece"):
         v = r[key]
         typer.echo(f"  {key:28s} {'n/a' if v is None else f'{v:.4f}'}")
-    for key, v in r.get("draws", {}).items():
-        if key != "n":
-            label = f"{key} over {draws} draws"
-            typer.echo(f"  {label:28s} {v['mean']:.4f} mean ({v['min']:.4f}–{v['max']:.4f})")
+    for key in ("top1", "new_sku_top1") if "draws" in r else ():
+        v, label = r["draws"][key], f"{key} over {draws} draws"
+        typer.echo(f"  {label:28s} {v['mean']:.4f} mean ({v['min']:.4f}–{v['max']:.4f})")
     if json_out:
         json_out.write_text(json.dumps(r, indent=2) + "\n")
 
