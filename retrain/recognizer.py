@@ -37,6 +37,8 @@ class RecognizerRecipe:
     frozen_blocks: int = 3  # stem + this many MBConv blocks keep their ImageNet weights
     seed: int = 0
     threads: int = 0  # torch CPU threads (0 = one per core)
+    device: str = "auto"  # "cpu", "cuda" or "auto" (CUDA when torch sees a GPU)
+    workers: int = 0  # processes decoding and augmenting images beside training (0 = in the trainer)
     init: str | None = None  # recognizer.pt to continue from (its backbone and head), else ImageNet
     data: dict = field(default_factory=dict)  # what it was trained on, for the manifest
 
@@ -113,26 +115,87 @@ def build_model(embed_dim: int, frozen_blocks: int):
     return EmbeddingNet()
 
 
-def _batches(
-    samples: list[Sample], labels: dict[str, int], size: int, batch: int, rng: random.Random, train: bool
+def _read(sample: Sample) -> np.ndarray:
+    img = cv2.imread(str(sample.path))
+    if img is None:
+        raise ValueError(f"training image does not decode: {sample.path}")
+    return img
+
+
+def _batches(samples: list[Sample], labels: dict[str, int], size: int, batch: int):
+    """Unaugmented batches in order, for class means and checks."""
+    for i in range(0, len(samples), batch):
+        chunk = samples[i : i + batch]
+        x = np.stack([prepare_crop(_read(s), size) for s in chunk]).transpose(0, 3, 1, 2)
+        yield x, np.array([labels[s.label] for s in chunk])
+
+
+@dataclass(frozen=True)
+class _Augmented:
+    """Map-style dataset keyed by (epoch, index): each image's jitter follows (seed, epoch, index) alone, so a
+    run draws the same augmentations whatever the number of worker processes."""
+
+    samples: list[Sample]
+    labels: dict[str, int]
+    size: int
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, int]:
+        epoch, i = key
+        rng = random.Random(f"{self.seed}:{epoch}:{i}")
+        img = prepare_crop(augment(_read(self.samples[i]), rng), self.size).transpose(2, 0, 1)
+        return np.ascontiguousarray(img, np.uint8), self.labels[self.samples[i].label]  # whole values
+
+
+@dataclass
+class _EpochOrder:
+    """Shuffled (epoch, index) keys; the trainer sets `epoch` before each pass. The keys are made in the
+    trainer and sent to the workers, so long-lived workers hold no epoch state of their own."""
+
+    n: int
+    seed: int
+    epoch: int = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = random.Random(f"order:{self.seed}:{self.epoch}").sample(range(self.n), self.n)
+        return iter([(self.epoch, i) for i in order])
+
+
+def _loader(samples: list[Sample], labels: dict[str, int], recipe: RecognizerRecipe, pin: bool):
+    """Augmented batches. Workers are spawned, not forked: a fork of a process whose torch and OpenMP thread
+    pools are running can hang or crash the next fork (Ultralytics' loaders, say); they live for the run."""
+    torch, _, _ = _torch()
+    return torch.utils.data.DataLoader(
+        _Augmented(samples, labels, recipe.size, recipe.seed),
+        batch_size=recipe.batch,
+        sampler=_EpochOrder(len(samples), recipe.seed),
+        num_workers=recipe.workers,
+        multiprocessing_context="spawn" if recipe.workers else None,
+        persistent_workers=recipe.workers > 0,
+        pin_memory=pin,
+    )
+
+
+def resolve_device(name: str) -> str:
+    """'auto' picks CUDA when torch sees a GPU; asking for CUDA without one is an error, not a slow run."""
+    torch, _, _ = _torch()
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {name!r}")
+    has_cuda = torch.cuda.is_available()
+    if name == "cuda" and not has_cuda:
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU (a CPU-only torch build?)")
+    return "cuda" if name == "cuda" or (name == "auto" and has_cuda) else "cpu"
+
+
+def _class_means(
+    model, samples: list[Sample], labels: dict[str, int], size: int, device: str, per_class: int = 8
 ):
-    order = list(range(len(samples)))
-    if train:
-        rng.shuffle(order)
-    for i in range(0, len(order), batch):
-        chunk = [samples[j] for j in order[i : i + batch]]
-        imgs = []
-        for s in chunk:
-            img = cv2.imread(str(s.path))
-            if img is None:
-                raise ValueError(f"training image does not decode: {s.path}")
-            imgs.append(prepare_crop(augment(img, rng) if train else img, size))
-        x = np.stack(imgs).transpose(0, 3, 1, 2)
-        y = np.array([labels[s.label] for s in chunk])
-        yield x, y
-
-
-def _class_means(model, samples: list[Sample], labels: dict[str, int], size: int, per_class: int = 8):
     """Mean embedding of up to `per_class` unaugmented images of every class."""
     torch, _, F = _torch()
     picked: dict[int, list[Sample]] = {}
@@ -140,11 +203,11 @@ def _class_means(model, samples: list[Sample], labels: dict[str, int], size: int
         bucket = picked.setdefault(labels[s.label], [])
         if len(bucket) < per_class:
             bucket.append(s)
-    means = torch.zeros(len(labels), model.proj.out_features)
+    means = torch.zeros(len(labels), model.proj.out_features, device=device)
     model.eval()
     for k, items in picked.items():
-        for x, _ in _batches(items, labels, size, per_class, random.Random(0), train=False):
-            means[k] = model(torch.from_numpy(x)).mean(0)
+        for x, _ in _batches(items, labels, size, per_class):
+            means[k] = model(torch.from_numpy(x).float().to(device)).mean(0)
     return F.normalize(means, dim=1)
 
 
@@ -161,15 +224,18 @@ def train_recognizer(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads or os.cpu_count() or 1)
-    rng = random.Random(recipe.seed)
+    device = resolve_device(recipe.device)
+    log(f"training on {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
     classes = sorted({s.label for s in train})
     labels = {c: i for i, c in enumerate(classes)}
     model = build_model(recipe.embed_dim, recipe.frozen_blocks)
-    proxies = nn.Parameter(torch.randn(len(classes), recipe.embed_dim) * 0.01)
     if recipe.init:
         model.load_state_dict(torch.load(recipe.init, map_location="cpu", weights_only=False)["state_dict"])
+    model.to(device)
+    proxies = nn.Parameter((torch.randn(len(classes), recipe.embed_dim) * 0.01).to(device))
+    if recipe.init:
         with torch.no_grad():  # class proxies start at the class means, so the first steps do not scramble it
-            proxies.copy_(_class_means(model, train, labels, recipe.size))
+            proxies.copy_(_class_means(model, train, labels, recipe.size, device))
     backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         [
@@ -185,12 +251,16 @@ def train_recognizer(
     )
     history = []
     t0 = time.time()
+    loader = _loader(train, labels, recipe, pin=device == "cuda")
     for epoch in range(recipe.epochs):
         model.train()
         total, correct, seen = 0.0, 0, 0
-        for x, y in _batches(train, labels, recipe.size, recipe.batch, rng, train=True):
-            xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-            emb = model(xt)
+        loader.sampler.epoch = epoch
+        for xt, yt in loader:
+            xt, yt = xt.to(device, non_blocking=True).float(), yt.to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                emb = model(xt)
+            emb = F.normalize(emb.float(), dim=1)  # the margin and scale act on fp32 cosines
             cos = emb @ F.normalize(proxies, dim=1).T
             logits = recipe.scale * (cos - recipe.margin * F.one_hot(yt, len(classes)))
             loss = F.cross_entropy(logits, yt)
@@ -198,9 +268,9 @@ def train_recognizer(
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(y)
+            total += loss.item() * len(yt)
             correct += int((cos.argmax(1) == yt).sum())
-            seen += len(y)
+            seen += len(yt)
         history.append(
             {
                 "epoch": epoch + 1,
@@ -213,7 +283,7 @@ def train_recognizer(
             f"epoch {epoch + 1}/{recipe.epochs} loss {total / seen:.4f} train-acc {correct / seen:.3f} "
             f"({time.time() - t0:.0f}s)"
         )
-    model.eval()
+    model.eval().cpu()
     torch.save(
         {"state_dict": model.state_dict(), "recipe": asdict(recipe), "classes": classes},
         out / "recognizer.pt",
@@ -227,6 +297,7 @@ def train_recognizer(
         "classes": len(classes),
         "train_images": len(train),
         "train_seconds": round(time.time() - t0, 1),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "history": history,
         "parity": parity,
         "onnx": onnx_path.name,

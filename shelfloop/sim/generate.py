@@ -7,6 +7,7 @@ output does not depend on the number of worker processes. Layout: docs/synthetic
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 from collections.abc import Callable
@@ -303,7 +304,10 @@ def generate(
         results = map(_run, tasks)
         pool = None
     else:
-        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(spec,))
+        # forkserver, not fork: a caller that has run torch (a training job, a test session) holds OpenMP
+        # thread pools that a forked child can deadlock on
+        ctx = multiprocessing.get_context("forkserver")
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(spec,))
         results = pool.map(_run, tasks, chunksize=2)
     try:
         for done, res in enumerate(results, 1):
