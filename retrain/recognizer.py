@@ -225,7 +225,8 @@ def train_recognizer(
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads or os.cpu_count() or 1)
     device = resolve_device(recipe.device)
-    log(f"training on {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    log(f"training on {device_name}")
     classes = sorted({s.label for s in train})
     labels = {c: i for i, c in enumerate(classes)}
     model = build_model(recipe.embed_dim, recipe.frozen_blocks)
@@ -297,7 +298,7 @@ def train_recognizer(
         "classes": len(classes),
         "train_images": len(train),
         "train_seconds": round(time.time() - t0, 1),
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": device_name,
         "history": history,
         "parity": parity,
         "onnx": onnx_path.name,

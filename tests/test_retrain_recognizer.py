@@ -46,7 +46,7 @@ def _tiny_catalogue(root):
 def _train(samples, out, **kw):
     from retrain.recognizer import RecognizerRecipe, train_recognizer
 
-    recipe = RecognizerRecipe(epochs=1, size=64, batch=4, embed_dim=16, threads=1, device="cpu", **kw)
+    recipe = RecognizerRecipe(**({"epochs": 1, "size": 64, "batch": 4, "embed_dim": 16, "threads": 1} | kw))
     return train_recognizer(recipe, samples, out, log=lambda _: None)
 
 
@@ -55,8 +55,8 @@ def test_worker_processes_draw_the_same_augmentations_as_the_trainer(tmp_path):
     import torch
 
     samples = _tiny_catalogue(tmp_path / "crops")
-    inline = _train(samples, tmp_path / "w0", workers=0)
-    forked = _train(samples, tmp_path / "w2", workers=2)
+    inline = _train(samples, tmp_path / "w0", device="cpu", workers=0)
+    forked = _train(samples, tmp_path / "w2", device="cpu", workers=2)
     a = torch.load(tmp_path / "w0" / "recognizer.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "w2" / "recognizer.pt", weights_only=False)["state_dict"]
     assert a.keys() == b.keys()
@@ -65,7 +65,7 @@ def test_worker_processes_draw_the_same_augmentations_as_the_trainer(tmp_path):
     assert inline["history"][0]["loss"] == forked["history"][0]["loss"]
     assert inline["device"] == "cpu"
     assert inline["parity"]["min_cosine"] > 0.999  # the export still matches the trained graph
-    other_seed = _train(samples, tmp_path / "s1", seed=1)
+    other_seed = _train(samples, tmp_path / "s1", device="cpu", seed=1)
     assert other_seed["history"][0]["loss"] != inline["history"][0]["loss"]
 
 
@@ -88,10 +88,7 @@ def test_training_on_a_cuda_gpu(tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here: the GPU training path runs where one exists")
-    from retrain.recognizer import RecognizerRecipe, train_recognizer
-
     samples = _tiny_catalogue(tmp_path / "crops")
-    recipe = RecognizerRecipe(epochs=2, size=64, batch=4, embed_dim=16, device="cuda", workers=2)
-    report = train_recognizer(recipe, samples, tmp_path / "gpu", log=lambda _: None)
+    report = _train(samples, tmp_path / "gpu", epochs=2, threads=0, device="cuda", workers=2)
     assert report["device"] != "cpu"
     assert report["parity"]["min_cosine"] > 0.999  # trained in bf16 on the GPU, exported and run in fp32
