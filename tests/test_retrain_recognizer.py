@@ -92,3 +92,42 @@ def test_training_on_a_cuda_gpu(tmp_path):
     report = _train(samples, tmp_path / "gpu", epochs=2, threads=0, device="cuda", workers=2)
     assert report["device"] != "cpu"
     assert report["parity"]["min_cosine"] > 0.999  # trained in bf16 on the GPU, exported and run in fp32
+
+
+class _PooledPixels:
+    """Stands in for the ImageNet backbone: its 'features' are the pixels, so the teacher is known exactly."""
+
+    def extract_features(self, x):
+        return x
+
+
+def test_similarity_distillation_is_zero_only_when_the_embedding_ranks_neighbours_like_the_teacher():
+    import torch
+    from torch.nn import functional as F
+
+    from retrain.recognizer import _similarity_distillation
+
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 4, 4) * 255
+    t = ((x - 127.0) / 128.0).mean((2, 3))
+    like_teacher = F.normalize(t - t.mean(0, keepdim=True), dim=1)
+    assert _similarity_distillation(_PooledPixels(), x, like_teacher, 0.1).item() < 1e-6
+    other = F.normalize(torch.randn(8, 3), dim=1).requires_grad_()
+    loss = _similarity_distillation(_PooledPixels(), x, other, 0.1)
+    assert loss.item() > 0.01
+    loss.backward()
+    assert other.grad is not None and other.grad.abs().sum() > 0  # it pulls the embedding, not the teacher
+
+
+def test_distillation_changes_training_and_is_recorded(tmp_path):
+    import torch
+
+    samples = _tiny_catalogue(tmp_path / "crops")
+    plain = _train(samples, tmp_path / "plain", device="cpu", batch=8)  # one step: the same first batch
+    kept = _train(samples, tmp_path / "kept", device="cpu", batch=8, distill=2.0)
+    assert kept["recipe"]["distill"] == 2.0 and plain["recipe"]["distill"] == 0.0
+    assert kept["history"][0]["loss"] > plain["history"][0]["loss"]  # same CosFace term, plus distillation
+    a = torch.load(tmp_path / "plain" / "recognizer.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "kept" / "recognizer.pt", weights_only=False)["state_dict"]
+    assert not torch.allclose(a["proj.weight"], b["proj.weight"])
+    assert kept["parity"]["min_cosine"] > 0.999
