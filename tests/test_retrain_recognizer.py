@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("torch", reason="the train extra is not installed")
@@ -50,22 +55,36 @@ def _train(samples, out, **kw):
     return train_recognizer(recipe, samples, out, log=lambda _: None)
 
 
+def _train_elsewhere(crops, out, **kw) -> dict:
+    """`_train` in a fresh interpreter, as the CLI runs it: a loader's worker pool started inside the test
+    process, after it has run OpenVINO, ONNX Runtime and forking loaders, now and then crashed it."""
+    code = (
+        "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+        "from retrain.datasets import image_folder; from test_retrain_recognizer import _train; "
+        "_train(image_folder(Path(sys.argv[2])), Path(sys.argv[3]), **json.loads(sys.argv[4]))"
+    )
+    here = Path(__file__).parent
+    args = [str(here), str(crops), str(out), json.dumps(kw)]
+    subprocess.run([sys.executable, "-c", code, *args], check=True, cwd=here.parent, timeout=600)
+    return json.loads((out / "recognizer_report.json").read_text())
+
+
 def test_worker_processes_draw_the_same_augmentations_as_the_trainer(tmp_path):
     """Each image's jitter follows (seed, epoch, index) alone, so --workers changes speed, not the model."""
     import torch
 
-    samples = _tiny_catalogue(tmp_path / "crops")
-    inline = _train(samples, tmp_path / "w0", device="cpu", workers=0)
-    forked = _train(samples, tmp_path / "w2", device="cpu", workers=2)
+    _tiny_catalogue(tmp_path / "crops")
+    inline = _train_elsewhere(tmp_path / "crops", tmp_path / "w0", device="cpu", workers=0)
+    pooled = _train_elsewhere(tmp_path / "crops", tmp_path / "w2", device="cpu", workers=2)
     a = torch.load(tmp_path / "w0" / "recognizer.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "w2" / "recognizer.pt", weights_only=False)["state_dict"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
-    assert inline["history"][0]["loss"] == forked["history"][0]["loss"]
+    assert inline["history"][0]["loss"] == pooled["history"][0]["loss"]
     assert inline["device"] == "cpu"
     assert inline["parity"]["min_cosine"] > 0.999  # the export still matches the trained graph
-    other_seed = _train(samples, tmp_path / "s1", device="cpu", seed=1)
+    other_seed = _train_elsewhere(tmp_path / "crops", tmp_path / "s1", device="cpu", seed=1)
     assert other_seed["history"][0]["loss"] != inline["history"][0]["loss"]
 
 
@@ -88,8 +107,9 @@ def test_training_on_a_cuda_gpu(tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here: the GPU training path runs where one exists")
-    samples = _tiny_catalogue(tmp_path / "crops")
-    report = _train(samples, tmp_path / "gpu", epochs=2, threads=0, device="cuda", workers=2)
+    crops = tmp_path / "crops"
+    _tiny_catalogue(crops)
+    report = _train_elsewhere(crops, tmp_path / "gpu", epochs=2, threads=0, device="cuda", workers=2)
     assert report["device"] != "cpu"
     assert report["parity"]["min_cosine"] > 0.999  # trained in bf16 on the GPU, exported and run in fp32
 
