@@ -224,9 +224,12 @@ def _similarity_distillation(teacher, x, emb, tau: float):
     t = t.float()
     t = F.normalize(t - t.mean(0, keepdim=True), dim=1)
     off = ~torch.eye(len(x), dtype=torch.bool, device=x.device)
-    target = F.softmax((t @ t.T)[off].view(len(x), -1) / tau, dim=1)
-    student = F.log_softmax((emb @ emb.T)[off].view(len(x), -1) / tau, dim=1)
-    return F.kl_div(student, target, reduction="batchmean")
+
+    def neighbour_logits(e):  # each crop's similarities to the rest of the batch, itself left out
+        return (e @ e.T)[off].view(len(x), -1) / tau
+
+    target = F.softmax(neighbour_logits(t), dim=1)
+    return F.kl_div(F.log_softmax(neighbour_logits(emb), dim=1), target, reduction="batchmean")
 
 
 def train_recognizer(
