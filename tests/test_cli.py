@@ -135,9 +135,10 @@ def test_demo_runs_the_loop_on_embedded_defaults(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "demo")
 
 
-def _grocery_like(root: Path) -> None:
+def _grocery_like(root: Path, kiwi: bool = False) -> None:
     """A Grocery Store layout (classes.csv, train.txt, val.txt): Cantaloupe, a class the shipped recognizer
-    never trained on, has a first train photo unlike its later ones and its val photos."""
+    never trained on, has a first train photo unlike its later ones and its val photos. `kiwi` adds a
+    second class the recognizer never trained on."""
     import cv2
     import numpy as np
 
@@ -155,6 +156,10 @@ def _grocery_like(root: Path) -> None:
             for y in range(20, 160, 40):
                 for x in range(20, 120, 40):
                     cv2.circle(img, (x, y), 14, (200, 60, 20), -1)
+        elif kind == "lines":
+            img[:] = (40, 90, 110)
+            for x in range(0, 120, 10):
+                cv2.line(img, (x, 0), (x, 159), (255, 255, 255), 2)
         else:
             cv2.putText(img, "LEMON", (5, 90), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (20, 220, 250), 3)
         noise = rng.integers(-6, 7, img.shape)
@@ -167,6 +172,8 @@ def _grocery_like(root: Path) -> None:
         "Lemon": ["text"] * 4,
     }
     val = {"Banana": ["stripes"], "Cantaloupe": ["circles", "circles"], "Lemon": ["text"]}
+    if kiwi:
+        classes["Kiwi"], val["Kiwi"] = ["lines"] * 4, ["lines"]
     rows = ["Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int)"]
     for cid, name in enumerate(classes):
         rows.append(f"{name},{cid},{name},{cid}")
@@ -196,6 +203,21 @@ def test_eval_grocery_separates_few_references_from_the_features(tmp_path):
     # Its val photos look like its later train photos: every reference finds them, the first one alone not.
     assert r["new_sku_top1_all_references"] == 1.0
     assert r["new_sku_top1"] < r["new_sku_top1_all_references"]
+
+
+def test_eval_grocery_shows_what_confusion_with_trained_skus_costs_the_new_ones(tmp_path):
+    _grocery_like(tmp_path / "gs", kiwi=True)
+    out = tmp_path / "grocery.json"
+    args = ["eval", "grocery", "--root", str(tmp_path / "gs"), "--new-sku-refs", "1", "--draws", "4"]
+    result = runner.invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert "2 new-SKU classes" in result.output  # of the bundle's held-out classes, those the data set has
+    # Cantaloupe's val photos go to a trained SKU when every SKU competes, to Cantaloupe among the new ones.
+    assert r["per_class"]["gs:Cantaloupe"]["correct"] == 0 and r["per_class"]["gs:Kiwi"]["correct"] == 1
+    assert r["new_sku_top1"] == 1 / 3 and r["new_sku_top1_among_new"] == 1.0
+    among, every_sku = r["draws"]["new_sku_top1_among_new"], r["draws"]["new_sku_top1"]
+    assert among["min"] >= every_sku["min"] and among["mean"] >= every_sku["mean"]
 
 
 def test_eval_grocery_draws_show_how_the_new_sku_figure_moves_with_the_references(tmp_path):
