@@ -720,17 +720,19 @@ def eval_grocery(
     def among_new(rows: list[int]) -> float | None:
         """New-SKU queries ranked among the new SKUs alone (the few-shot literature's N-way episode): the
         gap to new_sku_top1 is what confusion with the trained SKUs costs."""
-        if not new_asked:
+        new_rows = [i for i in rows if labels[i] in new_skus]
+        if not new_asked or not new_rows:
             return None
         d = evaluate_recognition(
             mb.embedder,
-            gallery([i for i in rows if labels[i] in new_skus]),
+            gallery(new_rows),
             [queries[i] for i in new_asked],
             query_embeddings=asked[new_asked],
         )
         return d["top1"]
 
-    r = evaluate_recognition(mb.embedder, gallery(references()), queries, query_embeddings=asked)
+    first = references()
+    r = evaluate_recognition(mb.embedder, gallery(first), queries, query_embeddings=asked)
     every = evaluate_recognition(
         mb.embedder, gallery(list(range(len(train)))), queries, query_embeddings=asked
     )["per_class"]
@@ -747,7 +749,7 @@ def eval_grocery(
 
     r["new_sku_top1"], r["seen_sku_top1"] = acc(new), acc(seen)
     r["new_sku_top1_all_references"] = new_sku_top1(every)
-    r["new_sku_top1_among_new"] = among_new(references())
+    r["new_sku_top1_among_new"] = among_new(first)
     r["new_sku_classes"], r["new_sku_queries"] = sorted(new_skus), sum(v["n"] for v in new)
     if draws and not new_skus:
         typer.echo("the bundle kept no Grocery class out of training: no references to draw", err=True)
