@@ -761,9 +761,7 @@ def eval_grocery(
             figures["top1"].append(d["top1"])
             figures["new_sku_top1"].append(new_sku_top1(d["per_class"]))
             figures["new_sku_top1_among_new"].append(among_new(rows))
-        r["draws"] = {"n": draws} | {
-            k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for k, v in figures.items()
-        }
+        r["draws"] = {"n": draws} | {k: _spread(v) for k, v in figures.items()}
     typer.echo(
         f"bundle {mb.version}: {r['queries']} val photos of {len(per_class)} classes; gallery "
         f"{r['gallery_references']} train photos ({len(new_skus & set(labels))} new-SKU classes with "
@@ -783,9 +781,18 @@ def eval_grocery(
         typer.echo(f"  {key:28s} {'n/a' if v is None else f'{v:.4f}'}")
     for key in ("top1", "new_sku_top1", "new_sku_top1_among_new") if "draws" in r else ():
         v, label = r["draws"][key], f"{key} over {draws} draws"
-        typer.echo(f"  {label:40s} {v['mean']:.4f} mean ({v['min']:.4f}–{v['max']:.4f})")
+        shown = "n/a" if v is None else f"{v['mean']:.4f} mean ({v['min']:.4f}–{v['max']:.4f})"
+        typer.echo(f"  {label:40s} {shown}")
     if json_out:
         json_out.write_text(json.dumps(r, indent=2) + "\n")
+
+
+def _spread(values: list[float | None]) -> dict[str, float] | None:
+    """Mean and range over draws; None where no draw had a query to score (a figure that is n/a)."""
+    scored = [v for v in values if v is not None]
+    if not scored:
+        return None
+    return {"mean": sum(scored) / len(scored), "min": min(scored), "max": max(scored)}
 
 
 def _ultralytics_baseline():

@@ -135,10 +135,10 @@ def test_demo_runs_the_loop_on_embedded_defaults(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "demo")
 
 
-def _grocery_like(root: Path, kiwi: bool = False) -> None:
+def _grocery_like(root: Path, kiwi: bool = False, new_in_val: bool = True) -> None:
     """A Grocery Store layout (classes.csv, train.txt, val.txt): Cantaloupe, a class the shipped recognizer
     never trained on, has a first train photo unlike its later ones and its val photos. `kiwi` adds a
-    second class the recognizer never trained on."""
+    second class the recognizer never trained on; `new_in_val=False` leaves Cantaloupe out of val."""
     import cv2
     import numpy as np
 
@@ -172,6 +172,8 @@ def _grocery_like(root: Path, kiwi: bool = False) -> None:
         "Lemon": ["text"] * 4,
     }
     val = {"Banana": ["stripes"], "Cantaloupe": ["circles", "circles"], "Lemon": ["text"]}
+    if not new_in_val:
+        val["Cantaloupe"] = []
     if kiwi:
         classes["Kiwi"], val["Kiwi"] = ["lines"] * 4, ["lines"]
     rows = ["Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int)"]
@@ -233,6 +235,20 @@ def test_eval_grocery_draws_show_how_the_new_sku_figure_moves_with_the_reference
     assert r["new_sku_top1"] == drawn["min"] == 0.0
     assert drawn["max"] == 1.0 and 0.0 < drawn["mean"] < 1.0
     assert r["draws"]["top1"]["min"] <= r["draws"]["top1"]["mean"] <= r["draws"]["top1"]["max"]
+
+
+def test_eval_grocery_draws_say_n_a_where_no_val_photo_is_of_a_new_sku(tmp_path):
+    """References are drawn for the new SKUs, but no query is theirs: n/a, not a crash or a made-up 0."""
+    _grocery_like(tmp_path / "gs", new_in_val=False)
+    out = tmp_path / "grocery.json"
+    args = ["eval", "grocery", "--root", str(tmp_path / "gs"), "--new-sku-refs", "1", "--draws", "3"]
+    result = runner.invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert r["new_sku_queries"] == 0 and r["new_sku_top1"] is None
+    assert r["draws"]["new_sku_top1"] is None and r["draws"]["new_sku_top1_among_new"] is None
+    assert r["draws"]["top1"]["min"] == r["draws"]["top1"]["max"] == r["top1"]  # no new-SKU query moves
+    assert "new_sku_top1 over 3 draws" in result.output and "n/a" in result.output
 
 
 def test_retrain_metrics_records_figures_and_re_signs_only_an_intact_bundle(tmp_path):
