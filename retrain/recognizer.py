@@ -248,14 +248,20 @@ def train_recognizer(
     device = resolve_device(recipe.device)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     log(f"training on {device_name}")
+    # On the CPU, channels-last lets oneDNN run EfficientNet's depthwise convolutions without converting
+    # layouts: a training step at 288 px on two cores took 1.3 s against 2.2 s. CUDA keeps the default
+    # layout its recipes were measured with.
+    layout = torch.channels_last if device == "cpu" else torch.contiguous_format
     classes = sorted({s.label for s in train})
     labels = {c: i for i, c in enumerate(classes)}
     model = build_model(recipe.embed_dim, recipe.frozen_blocks)
     # The distillation teacher: the ImageNet backbone as built, before any --init weights are loaded.
-    teacher = copy.deepcopy(model.backbone).eval().to(device) if recipe.distill > 0 else None
+    teacher = (
+        copy.deepcopy(model.backbone).eval().to(device, memory_format=layout) if recipe.distill > 0 else None
+    )
     if recipe.init:
         model.load_state_dict(torch.load(recipe.init, map_location="cpu", weights_only=False)["state_dict"])
-    model.to(device)
+    model.to(device, memory_format=layout)
     proxies = nn.Parameter((torch.randn(len(classes), recipe.embed_dim) * 0.01).to(device))
     if recipe.init:
         with torch.no_grad():  # class proxies start at the class means, so the first steps do not scramble it
@@ -281,7 +287,7 @@ def train_recognizer(
         total, correct, seen = 0.0, 0, 0
         loader.sampler.epoch = epoch
         for xt, yt in loader:
-            xt, yt = xt.to(device, non_blocking=True).float(), yt.to(device)
+            xt, yt = xt.to(device, non_blocking=True, memory_format=layout).float(), yt.to(device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
                 emb = model(xt)
             emb = F.normalize(emb.float(), dim=1)  # the margin and scale act on fp32 cosines
@@ -309,7 +315,7 @@ def train_recognizer(
             f"epoch {epoch + 1}/{recipe.epochs} loss {total / seen:.4f} train-acc {correct / seen:.3f} "
             f"({time.time() - t0:.0f}s)"
         )
-    model.eval().cpu()
+    model.eval().cpu().to(memory_format=torch.contiguous_format)
     torch.save(
         {"state_dict": model.state_dict(), "recipe": asdict(recipe), "classes": classes},
         out / "recognizer.pt",
