@@ -81,7 +81,7 @@ def test_worker_processes_draw_the_same_augmentations_as_the_trainer(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
-        # Trained channels-last on the CPU, saved in the standard layout that `--init` and export expect.
+        # Trained channels-last on the CPU, saved in the standard layout whatever layout trained it.
         assert a[k].is_contiguous(), k
     assert inline["history"][0]["loss"] == pooled["history"][0]["loss"]
     assert inline["device"] == "cpu"
