@@ -191,14 +191,18 @@ def _grocery_like(root: Path, kiwi: bool = False, new_in_val: bool = True) -> No
     (base / "classes.csv").write_text("\n".join(rows) + "\n")
 
 
-def test_eval_grocery_separates_few_references_from_the_features(tmp_path):
-    _grocery_like(tmp_path / "gs")
+def _eval_grocery(tmp_path: Path, *options: str, **layout: bool) -> tuple[str, dict]:
+    """`eval grocery` with one reference per new SKU on a `_grocery_like` data set: its output and JSON."""
+    _grocery_like(tmp_path / "gs", **layout)
     out = tmp_path / "grocery.json"
-    result = runner.invoke(
-        app, ["eval", "grocery", "--root", str(tmp_path / "gs"), "--new-sku-refs", "1", "--json", str(out)]
-    )
+    args = ["eval", "grocery", "--root", str(tmp_path / "gs"), "--new-sku-refs", "1", *options]
+    result = runner.invoke(app, [*args, "--json", str(out)])
     assert result.exit_code == 0, result.output
-    r = json.loads(out.read_text())
+    return result.output, json.loads(out.read_text())
+
+
+def test_eval_grocery_separates_few_references_from_the_features(tmp_path):
+    _, r = _eval_grocery(tmp_path)
     assert r["new_sku_classes"] and "gs:Cantaloupe" in r["new_sku_classes"]
     assert r["gallery_references"] == 4 + 1 + 4  # Cantaloupe's first photo only
     assert r["new_sku_queries"] == 2
@@ -208,13 +212,8 @@ def test_eval_grocery_separates_few_references_from_the_features(tmp_path):
 
 
 def test_eval_grocery_shows_what_confusion_with_trained_skus_costs_the_new_ones(tmp_path):
-    _grocery_like(tmp_path / "gs", kiwi=True)
-    out = tmp_path / "grocery.json"
-    args = ["eval", "grocery", "--root", str(tmp_path / "gs"), "--new-sku-refs", "1", "--draws", "4"]
-    result = runner.invoke(app, [*args, "--json", str(out)])
-    assert result.exit_code == 0, result.output
-    r = json.loads(out.read_text())
-    assert "2 new-SKU classes" in result.output  # of the bundle's held-out classes, those the data set has
+    output, r = _eval_grocery(tmp_path, "--draws", "4", kiwi=True)
+    assert "2 new-SKU classes" in output  # of the bundle's held-out classes, those the data set has
     # Cantaloupe's val photos go to a trained SKU when every SKU competes, to Cantaloupe among the new ones.
     assert r["per_class"]["gs:Cantaloupe"]["correct"] == 0 and r["per_class"]["gs:Kiwi"]["correct"] == 1
     assert r["new_sku_top1"] == 1 / 3 and r["new_sku_top1_among_new"] == 1.0
@@ -223,14 +222,9 @@ def test_eval_grocery_shows_what_confusion_with_trained_skus_costs_the_new_ones(
 
 
 def test_eval_grocery_draws_show_how_the_new_sku_figure_moves_with_the_references(tmp_path):
-    _grocery_like(tmp_path / "gs")
-    out = tmp_path / "grocery.json"
-    args = ["eval", "grocery", "--root", str(tmp_path / "gs"), "--new-sku-refs", "1", "--draws", "8"]
-    result = runner.invoke(app, [*args, "--json", str(out)])
-    assert result.exit_code == 0, result.output
-    r = json.loads(out.read_text())
+    output, r = _eval_grocery(tmp_path, "--draws", "8")
     drawn = r["draws"]["new_sku_top1"]
-    assert r["draws"]["n"] == 8 and "new_sku_top1 over 8 draws" in result.output
+    assert r["draws"]["n"] == 8 and "new_sku_top1 over 8 draws" in output
     # Cantaloupe's first photo (checks) finds none of its val photos (circles); a draw of a circle photo does.
     assert r["new_sku_top1"] == drawn["min"] == 0.0
     assert drawn["max"] == 1.0 and 0.0 < drawn["mean"] < 1.0
@@ -239,16 +233,11 @@ def test_eval_grocery_draws_show_how_the_new_sku_figure_moves_with_the_reference
 
 def test_eval_grocery_draws_say_n_a_where_no_val_photo_is_of_a_new_sku(tmp_path):
     """References are drawn for the new SKUs, but no query is theirs: n/a, not a crash or a made-up 0."""
-    _grocery_like(tmp_path / "gs", new_in_val=False)
-    out = tmp_path / "grocery.json"
-    args = ["eval", "grocery", "--root", str(tmp_path / "gs"), "--new-sku-refs", "1", "--draws", "3"]
-    result = runner.invoke(app, [*args, "--json", str(out)])
-    assert result.exit_code == 0, result.output
-    r = json.loads(out.read_text())
+    output, r = _eval_grocery(tmp_path, "--draws", "3", new_in_val=False)
     assert r["new_sku_queries"] == 0 and r["new_sku_top1"] is None
     assert r["draws"]["new_sku_top1"] is None and r["draws"]["new_sku_top1_among_new"] is None
     assert r["draws"]["top1"]["min"] == r["draws"]["top1"]["max"] == r["top1"]  # no new-SKU query moves
-    assert "new_sku_top1 over 3 draws" in result.output and "n/a" in result.output
+    assert "new_sku_top1 over 3 draws" in output and "n/a" in output
 
 
 def test_retrain_metrics_records_figures_and_re_signs_only_an_intact_bundle(tmp_path):
