@@ -41,6 +41,7 @@ class RecognizerRecipe:
     seed: int = 0
     threads: int = 0  # torch CPU threads (0 = one per core)
     device: str = "auto"  # "cpu", "cuda" or "auto" (CUDA when torch sees a GPU)
+    precision: str = "auto"  # "fp32", "bf16" or "auto" (bf16 on CUDA, fp32 on the CPU)
     workers: int = 0  # processes decoding and augmenting images beside training (0 = in the trainer)
     init: str | None = None  # recognizer.pt to continue from (its backbone and head), else ImageNet
     data: dict = field(default_factory=dict)  # what it was trained on, for the manifest
@@ -196,6 +197,25 @@ def resolve_device(name: str) -> str:
     return "cuda" if name == "cuda" or (name == "auto" and has_cuda) else "cpu"
 
 
+def cpu_has_bf16() -> bool:
+    """bf16 instructions (AVX-512 bf16 or AMX); without them oneDNN would emulate bf16."""
+    import torch.cpu
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(name: str, device: str) -> str:
+    """'auto' keeps the precision each device's recipes were measured with: bf16 on CUDA, fp32 on the CPU.
+    bf16 on a CPU without bf16 instructions is an error, not an emulated run."""
+    if name not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {name!r}")
+    if name == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    if name == "bf16" and device == "cpu" and not cpu_has_bf16():
+        raise ValueError("precision 'bf16' asked for on a CPU without native bf16 (AVX-512 bf16 or AMX)")
+    return name
+
+
 def _class_means(
     model, samples: list[Sample], labels: dict[str, int], size: int, device: str, per_class: int = 8
 ):
@@ -214,12 +234,12 @@ def _class_means(
     return F.normalize(means, dim=1)
 
 
-def _similarity_distillation(teacher, x, emb, tau: float):
+def _similarity_distillation(teacher, x, emb, tau: float, bf16: bool):
     """KL from the ImageNet backbone's neighbour distribution within the batch to the embedding's. Metric
     learning on the trained classes alone discards generic features; keeping how they rank each crop's
     neighbours regularises it (on Grocery photos: seen SKUs up, five-reference new SKUs not)."""
     torch, _, F = _torch()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         t = teacher.extract_features((x - 127.0) / 128.0).mean((2, 3))
     t = t.float()
     t = F.normalize(t - t.mean(0, keepdim=True), dim=1)
@@ -246,8 +266,9 @@ def train_recognizer(
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads or os.cpu_count() or 1)
     device = resolve_device(recipe.device)
+    bf16 = resolve_precision(recipe.precision, device) == "bf16"
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    log(f"training on {device_name}")
+    log(f"training on {device_name} in {'bf16' if bf16 else 'fp32'}")
     # On the CPU, channels-last lets oneDNN run EfficientNet's depthwise convolutions without converting
     # layouts: an epoch of the Grocery photos at 288 px on two cores took 113 s against 169 s. CUDA keeps
     # the default layout its recipes were measured with.
@@ -288,14 +309,15 @@ def train_recognizer(
         loader.sampler.epoch = epoch
         for xt, yt in loader:
             xt, yt = xt.to(device, non_blocking=True, memory_format=layout).float(), yt.to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 emb = model(xt)
             emb = F.normalize(emb.float(), dim=1)  # the margin and scale act on fp32 cosines
             cos = emb @ F.normalize(proxies, dim=1).T
             logits = recipe.scale * (cos - recipe.margin * F.one_hot(yt, len(classes)))
             loss = F.cross_entropy(logits, yt)
             if teacher is not None:
-                loss = loss + recipe.distill * _similarity_distillation(teacher, xt, emb, recipe.distill_tau)
+                kept = _similarity_distillation(teacher, xt, emb, recipe.distill_tau, bf16)
+                loss = loss + recipe.distill * kept
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -330,6 +352,7 @@ def train_recognizer(
         "train_images": len(train),
         "train_seconds": round(time.time() - t0, 1),
         "device": device_name,
+        "precision": "bf16" if bf16 else "fp32",
         "history": history,
         "parity": parity,
         "onnx": onnx_path.name,

@@ -359,6 +359,13 @@ def retrain_recognizer(
     device: Annotated[
         str, typer.Option(help="auto (a CUDA GPU when torch sees one, else the CPU), cpu or cuda.")
     ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto (bf16 on a GPU, fp32 on the CPU), fp32, or bf16 (on a CPU: one with AVX-512 bf16 or "
+            "AMX)."
+        ),
+    ] = "auto",
     workers: Annotated[
         int, typer.Option(min=0, help="Processes decoding and augmenting images (0 = in the trainer).")
     ] = 0,
@@ -389,6 +396,7 @@ def retrain_recognizer(
         RecognizerRecipe,
         holdout_classes,
         resolve_device,
+        resolve_precision,
         train_recognizer,
         training_set,
     )
@@ -396,7 +404,7 @@ def retrain_recognizer(
     if not crops and grocery is None:
         _fail("give --crops and/or --grocery")
     try:
-        resolve_device(device)
+        resolve_precision(precision, resolve_device(device))
     except ValueError as exc:
         _fail(str(exc))
     try:
@@ -411,6 +419,7 @@ def retrain_recognizer(
         seed=seed,
         threads=threads,
         device=device,
+        precision=precision,
         workers=workers,
         lr_backbone=lr_backbone,
         margin=margin,

@@ -104,6 +104,58 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
         resolve_device("gpu0")
 
 
+def test_precision_is_fp32_on_the_cpu_unless_asked_and_bf16_needs_the_instructions(monkeypatch):
+    from retrain import recognizer
+    from retrain.recognizer import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(ValueError, match="auto, fp32 or bf16"):
+        resolve_precision("fp16", "cpu")
+    monkeypatch.setattr(recognizer, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ValueError, match="without native bf16"):
+        resolve_precision("bf16", "cpu")
+    assert resolve_precision("bf16", "cuda") == "bf16"
+    monkeypatch.setattr(recognizer, "cpu_has_bf16", lambda: True)
+    assert resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_retrain_recognizer_refuses_a_precision_it_cannot_run_before_training(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from retrain import recognizer
+    from shelfloop.cli import app
+
+    _tiny_catalogue(tmp_path / "crops")
+    monkeypatch.setattr(recognizer, "cpu_has_bf16", lambda: False)
+    base = ["retrain", "recognizer", "--out", str(tmp_path / "out"), "--crops", str(tmp_path / "crops")]
+    for precision, why in (("bf16", "without native bf16"), ("fp16", "auto, fp32 or bf16")):
+        result = CliRunner().invoke(app, [*base, "--device", "cpu", "--precision", precision])
+        assert result.exit_code != 0 and why in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_in_bf16_on_the_cpu_exports_an_fp32_model_that_matches(tmp_path):
+    import onnx
+    import torch
+
+    from retrain.recognizer import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions (AVX-512 bf16 or AMX)")
+    samples = _tiny_catalogue(tmp_path / "crops")
+    fp32 = _train(samples, tmp_path / "fp32", device="cpu", batch=8)
+    bf16 = _train(samples, tmp_path / "bf16", device="cpu", batch=8, precision="bf16")
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    assert bf16["history"][0]["loss"] != fp32["history"][0]["loss"]  # autocast really ran in bf16
+    weights = torch.load(tmp_path / "bf16" / "recognizer.pt", weights_only=False)["state_dict"]
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+    graph = onnx.load(tmp_path / "bf16" / "recognizer.onnx").graph
+    assert {t.data_type for t in graph.initializer} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+    assert bf16["parity"]["min_cosine"] > 0.999  # trained in bf16, exported and run in fp32
+
+
 def test_training_on_a_cuda_gpu(tmp_path):
     import torch
 
@@ -133,9 +185,9 @@ def test_similarity_distillation_is_zero_only_when_the_embedding_ranks_neighbour
     x = torch.rand(8, 3, 4, 4) * 255
     t = ((x - 127.0) / 128.0).mean((2, 3))
     like_teacher = F.normalize(t - t.mean(0, keepdim=True), dim=1)
-    assert _similarity_distillation(_PooledPixels(), x, like_teacher, 0.1).item() < 1e-6
+    assert _similarity_distillation(_PooledPixels(), x, like_teacher, 0.1, False).item() < 1e-6
     other = F.normalize(torch.randn(8, 3), dim=1).requires_grad_()
-    loss = _similarity_distillation(_PooledPixels(), x, other, 0.1)
+    loss = _similarity_distillation(_PooledPixels(), x, other, 0.1, False)
     assert loss.item() > 0.01
     loss.backward()
     assert other.grad is not None and other.grad.abs().sum() > 0  # it pulls the embedding, not the teacher
