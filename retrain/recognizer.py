@@ -266,9 +266,10 @@ def train_recognizer(
     torch.manual_seed(recipe.seed)
     torch.set_num_threads(recipe.threads or os.cpu_count() or 1)
     device = resolve_device(recipe.device)
-    bf16 = resolve_precision(recipe.precision, device) == "bf16"
+    precision = resolve_precision(recipe.precision, device)
+    bf16 = precision == "bf16"
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    log(f"training on {device_name} in {'bf16' if bf16 else 'fp32'}")
+    log(f"training on {device_name} in {precision}")
     # On the CPU, channels-last lets oneDNN run EfficientNet's depthwise convolutions without converting
     # layouts: an epoch of the Grocery photos at 288 px on two cores took 113 s against 169 s. CUDA keeps
     # the default layout its recipes were measured with.
@@ -352,7 +353,7 @@ def train_recognizer(
         "train_images": len(train),
         "train_seconds": round(time.time() - t0, 1),
         "device": device_name,
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": precision,
         "history": history,
         "parity": parity,
         "onnx": onnx_path.name,
