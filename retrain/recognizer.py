@@ -41,7 +41,7 @@ class RecognizerRecipe:
     seed: int = 0
     threads: int = 0  # torch CPU threads (0 = one per core)
     device: str = "auto"  # "cpu", "cuda" or "auto" (CUDA when torch sees a GPU)
-    precision: str = "auto"  # "fp32", "bf16" or "auto" (bf16 on CUDA, fp32 on the CPU)
+    precision: str = "auto"  # "fp32", "bf16" or "auto" (bf16 where native: CUDA, AVX-512 bf16, AMX)
     workers: int = 0  # processes decoding and augmenting images beside training (0 = in the trainer)
     init: str | None = None  # recognizer.pt to continue from (its backbone and head), else ImageNet
     data: dict = field(default_factory=dict)  # what it was trained on, for the manifest
@@ -205,12 +205,13 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_precision(name: str, device: str) -> str:
-    """'auto' keeps the precision each device's recipes were measured with: bf16 on CUDA, fp32 on the CPU.
+    """'auto' is bf16 wherever it runs natively (CUDA; a CPU with AVX-512 bf16 or AMX), fp32 elsewhere: the
+    every-class Grocery recipe reached 0.868-0.875 top-1 in bf16 on the CPU against 0.838-0.848 in fp32.
     bf16 on a CPU without bf16 instructions is an error, not an emulated run."""
     if name not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, not {name!r}")
     if name == "auto":
-        return "bf16" if device == "cuda" else "fp32"
+        return "bf16" if device == "cuda" or cpu_has_bf16() else "fp32"
     if name == "bf16" and device == "cpu" and not cpu_has_bf16():
         raise ValueError("precision 'bf16' asked for on a CPU without native bf16 (AVX-512 bf16 or AMX)")
     return name

@@ -362,8 +362,8 @@ def retrain_recognizer(
     precision: Annotated[
         str,
         typer.Option(
-            help="auto (bf16 on a GPU, fp32 on the CPU), fp32, or bf16 (on a CPU: one with AVX-512 bf16 or "
-            "AMX)."
+            help="auto (bf16 on a GPU or on a CPU with AVX-512 bf16 or AMX, else fp32), fp32, or bf16 (on a "
+            "CPU: one with those instructions)."
         ),
     ] = "auto",
     workers: Annotated[

@@ -51,7 +51,9 @@ def _tiny_catalogue(root):
 def _train(samples, out, **kw):
     from retrain.recognizer import RecognizerRecipe, train_recognizer
 
-    recipe = RecognizerRecipe(**({"epochs": 1, "size": 64, "batch": 4, "embed_dim": 16, "threads": 1} | kw))
+    # fp32 unless a test asks: auto would follow this CPU's instructions
+    base = {"epochs": 1, "size": 64, "batch": 4, "embed_dim": 16, "threads": 1, "precision": "fp32"}
+    recipe = RecognizerRecipe(**(base | kw))
     return train_recognizer(recipe, samples, out, log=lambda _: None)
 
 
@@ -104,20 +106,22 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
         resolve_device("gpu0")
 
 
-def test_precision_is_fp32_on_the_cpu_unless_asked_and_bf16_needs_the_instructions(monkeypatch):
+def test_precision_auto_is_bf16_where_it_runs_natively_and_bf16_needs_the_instructions(monkeypatch):
     from retrain import recognizer
     from retrain.recognizer import resolve_precision
 
-    assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("auto", "cuda") == "bf16"
     assert resolve_precision("fp32", "cuda") == "fp32"
     with pytest.raises(ValueError, match="auto, fp32 or bf16"):
         resolve_precision("fp16", "cpu")
     monkeypatch.setattr(recognizer, "cpu_has_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32"
     with pytest.raises(ValueError, match="without native bf16"):
         resolve_precision("bf16", "cpu")
     assert resolve_precision("bf16", "cuda") == "bf16"
     monkeypatch.setattr(recognizer, "cpu_has_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16"
+    assert resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
 
 
@@ -163,8 +167,11 @@ def test_training_on_a_cuda_gpu(tmp_path):
         pytest.skip("no CUDA GPU here: the GPU training path runs where one exists")
     crops = tmp_path / "crops"
     _tiny_catalogue(crops)
-    report = _train_elsewhere(crops, tmp_path / "gpu", epochs=2, threads=0, device="cuda", workers=2)
+    report = _train_elsewhere(
+        crops, tmp_path / "gpu", epochs=2, threads=0, device="cuda", workers=2, precision="auto"
+    )
     assert report["device"] != "cpu"
+    assert report["precision"] == "bf16"  # what auto picks on a GPU
     assert report["parity"]["min_cosine"] > 0.999  # trained in bf16 on the GPU, exported and run in fp32
 
 
