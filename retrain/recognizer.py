@@ -417,7 +417,21 @@ def holdout_classes(grocery_val: list[Sample], n: int, init: Path | None = None)
                 "training on them would void the new-SKU test"
             )
         held |= set(json.loads(report.read_text())["recipe"]["data"].get("holdout_classes", []))
+        if seen := sorted(held & _trained_classes(Path(init))):
+            raise ValueError(
+                f"{init} was trained on {', '.join(seen)}, which this run would keep out for the new-SKU "
+                "test: the figure would be void. Start from a model that kept them out, or train on every "
+                "class (--holdout 0)"
+            )
     return sorted(held)
+
+
+def _trained_classes(checkpoint: Path) -> set[str]:
+    """The classes a recognizer.pt was trained on, as its checkpoint lists them (none if it is absent)."""
+    if not checkpoint.is_file():
+        return set()
+    torch, _, _ = _torch()
+    return set(torch.load(checkpoint, map_location="cpu", weights_only=True)["classes"])
 
 
 def training_set(

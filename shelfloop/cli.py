@@ -418,7 +418,7 @@ def retrain_recognizer(
     try:
         held_by_init = init if keep_init_holdout else None
         held = holdout_classes(grocery_store(grocery, "val"), holdout, held_by_init) if grocery else []
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     samples, info = training_set(grocery, crops, held, per_sku, seed)
     recipe = RecognizerRecipe(
