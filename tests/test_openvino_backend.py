@@ -22,6 +22,7 @@ ov = pytest.importorskip("openvino", reason="openvino is the optional `intel` ex
 
 DETECTOR = BASELINE_MODEL / "detector.onnx"
 RECOGNIZER = BASELINE_MODEL / "recognizer.onnx"
+CROP = json.loads((BASELINE_MODEL / "manifest.json").read_text())["recognizer"]["input"][-1]
 
 
 def _cpu_offers(capability: str) -> bool:
@@ -45,10 +46,10 @@ def test_fp32_runs_the_shipped_models_as_onnxruntime_does(small_world):
         a, b = fp32(img), on_ov(img)
         assert len(a) > 5 and len(a) == len(b)
         assert _iou(a.xyxy, b.xyxy).max(1).min() > 0.999
-    crops = np.stack([prepare_crop(img[:120, :90], 192) for img in _shelf_photos(small_world)])
+    crops = np.stack([prepare_crop(img[:120, :90], CROP) for img in _shelf_photos(small_world)])
     x = crops.transpose(0, 3, 1, 2).copy()
     ovr = create_backend("openvino", RECOGNIZER)
-    assert ovr.inputs[0].shape == (None, 3, 192, 192)
+    assert ovr.inputs[0].shape == (None, 3, CROP, CROP)
     got, want = ovr.infer(x)[0], create_backend("onnxruntime", RECOGNIZER).infer(x)[0]
     assert (got * want).sum(1).min() > 0.99999
 
@@ -91,7 +92,7 @@ def test_bad_configuration_and_input_are_named(tmp_path):
     with pytest.raises(ModelError, match=r"must have shape .*got \(1, 3, 64, 64\)"):
         backend.infer(np.zeros((1, 3, 64, 64), np.float32))
     with pytest.raises(ModelError, match="takes 1 inputs"):
-        backend.infer(np.zeros((1, 3, 192, 192), np.float32), np.zeros(1))
+        backend.infer(np.zeros((1, 3, CROP, CROP), np.float32), np.zeros(1))
 
 
 def test_precision_is_checked_against_the_backend_before_anything_loads():
@@ -136,7 +137,7 @@ def test_cameras_on_threads_share_one_backend():
 
     backend = create_backend("openvino", RECOGNIZER)
     rng = np.random.default_rng(0)
-    batches = [rng.uniform(0, 255, (2, 3, 192, 192)).astype(np.float32) for _ in range(8)]
+    batches = [rng.uniform(0, 255, (2, 3, CROP, CROP)).astype(np.float32) for _ in range(8)]
     alone = [backend.infer(x)[0] for x in batches]
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda x: backend.infer(x)[0], batches * 3))
