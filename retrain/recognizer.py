@@ -404,12 +404,15 @@ HOLDOUT_SEED = 0
 seed would otherwise train on the classes its starting weights kept out for the new-SKU test."""
 
 
-def holdout_classes(grocery_val: list[Sample], n: int, init: Path | None = None) -> list[str]:
-    """Classes kept out of fine-tuning for the "new SKU" test: only ones that have held-out photos, and
-    always those the run continued from (`init`, read from the report beside it) kept out."""
+def holdout_classes(
+    grocery_val: list[Sample], n: int, init: Path | None = None, keep_init_holdout: bool = True
+) -> list[str]:
+    """Classes kept out of fine-tuning for the "new SKU" test: only ones that have held-out photos, also
+    those the run continued from (`init`, read from the report beside it) kept out unless
+    `keep_init_holdout` is off, and never one `init` was trained on."""
     with_val = sorted({s.label for s in grocery_val})
     held = set(random.Random(HOLDOUT_SEED).sample(with_val, min(n, len(with_val))))
-    if init is not None:
+    if init is not None and keep_init_holdout:
         report = Path(init).parent / "recognizer_report.json"
         if not report.is_file():
             raise FileNotFoundError(
@@ -417,12 +420,12 @@ def holdout_classes(grocery_val: list[Sample], n: int, init: Path | None = None)
                 "training on them would void the new-SKU test"
             )
         held |= set(json.loads(report.read_text())["recipe"]["data"].get("holdout_classes", []))
-        if seen := sorted(held & _trained_classes(Path(init))):
-            raise ValueError(
-                f"{init} was trained on {', '.join(seen)}, which this run would keep out for the new-SKU "
-                "test: the figure would be void. Start from a model that kept them out, or train on every "
-                "class (--holdout 0)"
-            )
+    if init is not None and (seen := sorted(held & _trained_classes(Path(init)))):
+        raise ValueError(
+            f"{init} was trained on {', '.join(seen)}, which this run would keep out for the new-SKU "
+            "test: the figure would be void. Start from a model that kept them out, or train on every "
+            "class (--holdout 0)"
+        )
     return sorted(held)
 
 

@@ -416,8 +416,9 @@ def retrain_recognizer(
     except ValueError as exc:
         _fail(str(exc))
     try:
-        held_by_init = init if keep_init_holdout else None
-        held = holdout_classes(grocery_store(grocery, "val"), holdout, held_by_init) if grocery else []
+        held = []
+        if grocery:
+            held = holdout_classes(grocery_store(grocery, "val"), holdout, init, keep_init_holdout)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     samples, info = training_set(grocery, crops, held, per_sku, seed)

@@ -85,7 +85,9 @@ def test_a_release_model_can_be_trained_on_the_classes_its_start_was_kept_from(t
     assert release["recipe"]["data"]["holdout_classes"] == [] and release["classes"] == 3
     # A held-out test continued from weights that saw the held-out class is refused, not run void.
     args = ["retrain", "recognizer", "--out", str(tmp_path / "void"), *common, "--holdout", "1"]
-    result = CliRunner().invoke(app, [*args, "--init", str(tmp_path / "release" / "recognizer.pt")])
-    assert result.exit_code != 0 and f"trained on {held}" in result.output, result.output
+    args += ["--init", str(tmp_path / "release" / "recognizer.pt")]
+    for extra in ([], ["--train-init-holdout"]):
+        result = CliRunner().invoke(app, [*args, *extra])
+        assert result.exit_code != 0 and f"trained on {held}" in result.output, (extra, result.output)
     assert not (tmp_path / "void").exists()
     train("every-class", "--init", str(tmp_path / "release" / "recognizer.pt"), "--holdout", "0")
