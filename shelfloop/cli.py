@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from shelfloop import __version__
+
+if TYPE_CHECKING:
+    from models.loader import ModelBundle
 
 app = typer.Typer(
     name="shelfloop",
@@ -621,7 +624,13 @@ def eval_detection(
 
 @eval_app.command("compliance")
 def eval_compliance(
-    dataset: Annotated[Path, typer.Option(help="A synthetic world (made by `sim generate`).")],
+    dataset: Annotated[
+        list[Path],
+        typer.Option(
+            help="A synthetic world (made by `sim generate`). Repeat it to score several worlds in one run: "
+            "compare models on worlds the engine's rules were not chosen on, not on one."
+        ),
+    ],
     split: Annotated[str, typer.Option(help="train, val, test or all.")] = "test",
     bundle: Annotated[Path | None, typer.Option(help="Model bundle (default: the shipped baseline).")] = None,
     ground_truth_detections: Annotated[
@@ -636,46 +645,85 @@ def eval_compliance(
     ] = None,
     backend: BackendOpt = "onnxruntime",
     precision: PrecisionOpt = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--json",
+            help="Write the figures as JSON (several worlds: mean macro-F1, pooled out-of-stock recall and "
+            "each world's figures under `worlds`).",
+        ),
+    ] = None,
 ) -> None:
-    """Per-label precision, recall and F1 of planogram compliance on a world's ground truth, running the
-    detector and recognizer on its shelf photos (gallery: the world's crops/train and packshots)."""
-    import cv2
-
+    """Per-label precision, recall and F1 of planogram compliance on one or more worlds' ground truth, running
+    the detector and recognizer on their shelf photos (gallery: each world's crops/train and packshots)."""
     from planograms.evaluate import evaluate_on_world
 
-    detections = None
+    mb = None
     if not ground_truth_detections:
-        from edge_agent.shelf import observation_from_detections
-        from models.evaluate import build_gallery, image_folder
-
         mb = _load_bundle(bundle, backend, precision)
         if conf is not None:
             mb.detector.conf_threshold = conf
-        cal = {k: v for k, v in mb.calibration.items() if k != "fitted_on"}
-        refs = image_folder(dataset / "crops" / "train") + image_folder(dataset / "catalogue" / "packshots")
-        recognizer = mb.recognizer(build_gallery(mb.embedder, refs, "eval", **cal))
-        gt = json.loads((dataset / "shelf" / "compliance_gt.json").read_text())
-        detections = {}
-        for item in gt["images"]:
-            if split != "all" and item["split"] != split:
-                continue
-            img = cv2.imread(str(dataset / item["file_name"]))
-            dets = recognizer(img, mb.detector(img))
-            detections[item["image_id"]] = observation_from_detections(dets, img.shape)
-    r = evaluate_on_world(
-        dataset, split, use_ground_truth_detections=ground_truth_detections, detections=detections
-    )
-    typer.echo(
-        f"{r['images']} shelf photos ({split}), {'true detections' if ground_truth_detections else 'models'}:"
-        f" macro-F1 {r['macro_f1']:.4f}, out-of-stock recall {r['out_of_stock_recall']:.4f}"
-    )
-    for label, v in r["per_label"].items():
+    results = []
+    for world in dataset:
+        detections = None if mb is None else _world_detections(mb, world, split)
+        r = evaluate_on_world(
+            world, split, use_ground_truth_detections=ground_truth_detections, detections=detections
+        )
+        results.append({"dataset": str(world), **r})
         typer.echo(
-            f"  {label:24s} P {v['precision']:.3f}  R {v['recall']:.3f}  F1 {v['f1']:.3f}  (n={v['support']})"
+            f"{world}: {r['images']} shelf photos ({split}), "
+            f"{'true detections' if ground_truth_detections else 'models'}:"
+            f" macro-F1 {r['macro_f1']:.4f}, out-of-stock recall {r['out_of_stock_recall']:.4f}"
+        )
+        for label, v in r["per_label"].items():
+            scores = f"P {v['precision']:.3f}  R {v['recall']:.3f}  F1 {v['f1']:.3f}"
+            typer.echo(f"  {label:24s} {scores}  (n={v['support']})")
+    out = results[0] if len(results) == 1 else _pooled_compliance(results)
+    if len(results) > 1:
+        typer.echo(
+            f"{len(results)} worlds: mean macro-F1 {out['macro_f1']:.4f} "
+            f"(lowest {min(r['macro_f1'] for r in results):.4f}), "
+            f"pooled out-of-stock recall {out['out_of_stock_recall']:.4f} (n={out['out_of_stock_support']})"
         )
     if json_out:
-        json_out.write_text(json.dumps(r, indent=2, default=str) + "\n")
+        json_out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+
+
+def _world_detections(mb: ModelBundle, world: Path, split: str) -> dict:
+    """The models' observation of each shelf photo of a world, against a gallery of that world's catalogue."""
+    import cv2
+
+    from edge_agent.shelf import observation_from_detections
+    from models.evaluate import build_gallery, image_folder
+
+    cal = {k: v for k, v in mb.calibration.items() if k != "fitted_on"}
+    refs = image_folder(world / "crops" / "train") + image_folder(world / "catalogue" / "packshots")
+    recognizer = mb.recognizer(build_gallery(mb.embedder, refs, "eval", **cal))
+    gt = json.loads((world / "shelf" / "compliance_gt.json").read_text())
+    detections = {}
+    for item in gt["images"]:
+        if split != "all" and item["split"] != split:
+            continue
+        img = cv2.imread(str(world / item["file_name"]))
+        found = recognizer(img, mb.detector(img))
+        detections[item["image_id"]] = observation_from_detections(found, img.shape)
+    return detections
+
+
+def _pooled_compliance(results: list[dict]) -> dict:
+    """Several worlds in one figure: macro-F1 averaged over worlds (each world weighs the same), out-of-stock
+    recall over every out-of-stock slot of them all."""
+    oos = [r["per_label"].get("out_of_stock", {}) for r in results]
+    support = sum(int(o.get("support", 0)) for o in oos)
+    found = sum(o.get("recall", 0.0) * int(o.get("support", 0)) for o in oos)
+    return {
+        "macro_f1": sum(r["macro_f1"] for r in results) / len(results),
+        "out_of_stock_recall": found / support if support else 0.0,
+        "out_of_stock_support": support,
+        "images": sum(r["images"] for r in results),
+        "slots": sum(r["slots"] for r in results),
+        "worlds": results,
+    }
 
 
 @eval_app.command("grocery")

@@ -281,3 +281,40 @@ def test_retrain_metrics_records_figures_and_re_signs_only_an_intact_bundle(tmp_
     )
     assert refused.exit_code == 2 and "cannot add metrics" in refused.output
     assert (bundle / "manifest.json").read_bytes() == before  # a tampered bundle is never signed anew
+
+
+def test_eval_compliance_scores_one_world_with_the_models(small_world, tmp_path):
+    out = tmp_path / "one.json"
+    args = ["eval", "compliance", "--dataset", str(small_world), "--split", "test", "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    assert figures["dataset"] == str(small_world) and "worlds" not in figures
+    assert figures["slots"] > 0 and 0.5 < figures["macro_f1"] <= 1.0
+    assert f"macro-F1 {figures['macro_f1']:.4f}" in result.output
+
+
+def test_eval_compliance_pools_several_worlds(small_world, tmp_path):
+    out = tmp_path / "both.json"
+    args = ["eval", "compliance", "--dataset", str(small_world), "--dataset", str(small_world)]
+    result = runner.invoke(app, [*args, "--split", "all", "--ground-truth-detections", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    pooled = json.loads(out.read_text())
+    first, second = pooled["worlds"]
+    assert first["macro_f1"] == second["macro_f1"] == pytest.approx(pooled["macro_f1"])
+    assert pooled["slots"] == 2 * first["slots"]
+    assert pooled["out_of_stock_support"] == 2 * first["per_label"]["out_of_stock"]["support"] > 0
+    assert "2 worlds: mean macro-F1" in result.output
+
+
+def test_pooled_compliance_weighs_worlds_equally_and_slots_for_out_of_stock():
+    from shelfloop.cli import _pooled_compliance
+
+    def world(f1: float, oos_recall: float, oos_slots: int) -> dict:
+        per_label = {"out_of_stock": {"recall": oos_recall, "support": oos_slots}}
+        return {"macro_f1": f1, "per_label": per_label, "images": 2, "slots": 10}
+
+    pooled = _pooled_compliance([world(0.9, 1.0, 3), world(0.8, 0.5, 2)])
+    assert pooled["macro_f1"] == pytest.approx(0.85)
+    assert pooled["out_of_stock_recall"] == pytest.approx(4 / 5)  # 3 of 3 and 1 of 2, not (1.0 + 0.5) / 2
+    assert pooled["out_of_stock_support"] == 5 and pooled["images"] == 4 and pooled["slots"] == 20
