@@ -678,8 +678,9 @@ def eval_compliance(
         for label, v in r["per_label"].items():
             scores = f"P {v['precision']:.3f}  R {v['recall']:.3f}  F1 {v['f1']:.3f}"
             typer.echo(f"  {label:24s} {scores}  (n={v['support']})")
-    out = results[0] if len(results) == 1 else _pooled_compliance(results)
+    out = results[0]
     if len(results) > 1:
+        out = _pooled_compliance(results)
         typer.echo(
             f"{len(results)} worlds: mean macro-F1 {out['macro_f1']:.4f} "
             f"(lowest {min(r['macro_f1'] for r in results):.4f}), "
