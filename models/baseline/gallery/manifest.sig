@@ -1,1 +1,1 @@
-50qCAhSNtIF++aoz9eTfZC4BuvNcbLwW/MdKKL2T8q+WoRsjOMgh4tZMfLpVl4roe4JxoHVIGpqsOmLeW5jaCw==
+Rbm2W1GhdDAKhaxdGMtvh/oeRmFsrsAypAfCPU8FHmmft4yZUQyQd1E3n/9il3WSE3H0+Ta67ku/ml29meWlBg==
