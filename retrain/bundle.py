@@ -17,13 +17,15 @@ from models.gallery import Gallery, fit_temperature
 from models.recognizer import SkuEmbedder, model_fingerprint
 from retrain.compact import STORAGES, compact_weights
 from retrain.quantize import STORAGE as QDQ_INT8
-from retrain.quantize import quantize_detector
+from retrain.quantize import quantize_detector, quantize_recognizer
 
-RECOGNIZER_STORAGES = (*STORAGES, "float32")
-DETECTOR_STORAGES = (*RECOGNIZER_STORAGES, QDQ_INT8)
+MODEL_STORAGES = (*STORAGES, "float32", QDQ_INT8)
+"""How `retrain bundle` may store either network's weights."""
 CALIBRATION_PHOTOS = 40
 """Shelf photos (and half as many checkout photos) of the calibration world that set the int8 detector's
 activation ranges."""
+CALIBRATION_CROPS = 96
+"""Product crops of the calibration world (spread over its SKUs) that set the int8 recognizer's."""
 
 
 def calibrate(
@@ -81,10 +83,11 @@ def assemble_model_bundle(
     recognizer_storage: str = "float16",
 ) -> dict:
     """Put the two ONNX files into `out` with compact weight storage (`retrain.compact`; "float32" copies
-    them as they are; "qdq-int8" quantizes the detector to compute in int8, `retrain.quantize`), calibrate
+    them as they are; "qdq-int8" quantizes a model to compute in int8, `retrain.quantize`), calibrate
     the recognizer, write and sign the manifest."""
-    if detector_storage == QDQ_INT8 and calibration_world is None:  # before `out` is replaced
-        raise ValueError("int8 detector compute needs a calibration world (its photos calibrate it)")
+    for kind, storage in (("detector", detector_storage), ("recognizer", recognizer_storage)):
+        if storage == QDQ_INT8 and calibration_world is None:  # before `out` is replaced
+            raise ValueError(f"int8 {kind} compute needs a calibration world (its images calibrate it)")
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -99,12 +102,14 @@ def assemble_model_bundle(
         det_weights = quantize_detector(det_src, out / "detector.onnx", photos, trained_at)
     else:
         det_weights = _place(det_src, out / "detector.onnx", detector_storage)
-    weights = {
-        "detector": det_weights,
-        "recognizer": _place(
-            Path(recognizer_dir) / "recognizer.onnx", out / "recognizer.onnx", recognizer_storage
-        ),
-    }
+    rec_src = Path(recognizer_dir) / "recognizer.onnx"
+    if recognizer_storage == QDQ_INT8:
+        crops = sorted((Path(calibration_world) / "crops" / "train").rglob("*.jpg"))
+        crops = crops[:: max(1, len(crops) // CALIBRATION_CROPS)][:CALIBRATION_CROPS]
+        rec_weights = quantize_recognizer(rec_src, out / "recognizer.onnx", crops)
+    else:
+        rec_weights = _place(rec_src, out / "recognizer.onnx", recognizer_storage)
+    weights = {"detector": det_weights, "recognizer": rec_weights}
     rec_report = json.loads((Path(recognizer_dir) / "recognizer_report.json").read_text())
     embedder = SkuEmbedder(create_backend("onnxruntime", out / "recognizer.onnx"))
     calibration = {"temperature": 0.05, "unknown_threshold": 1.0, "fitted_on": None}

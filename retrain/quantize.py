@@ -1,18 +1,18 @@
-"""Run the detector in int8: static post-training quantization to a QDQ ONNX graph.
+"""Run the detector or the recognizer in int8: static post-training quantization to a QDQ ONNX graph.
 
 Compact storage (`retrain.compact`) shrinks the file but computes in fp32. On CPUs with VNNI (and on
 TensorRT, which reads explicit Q/DQ nodes) int8 convolutions are much cheaper, which is what a device on a
-power budget wants. Activation ranges come from real shelf and checkout photos (the 99.99th percentile
-of each activation: a min/max range spends the 8 bits on a few outliers); weights are int8 per output
-channel. The detection head's decoding (distribution-to-box, sigmoid, the concatenation of pixel
-coordinates with 0..1 scores into one tensor) stays fp32: one int8 scale cannot hold both, and
-quantizing it zeroes every score.
+power budget wants. Activation ranges come from real shelf and checkout photos, or product crops for the
+recognizer (the 99.99th percentile of each activation: a min/max range spends the 8 bits on a few
+outliers); weights are int8 per output channel. The detection head's decoding (distribution-to-box,
+sigmoid, the concatenation of pixel coordinates with 0..1 scores into one tensor) stays fp32: one int8
+scale cannot hold both, and quantizing it zeroes every score.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,14 @@ import cv2
 import numpy as np
 
 from models.detector import detector_input
+from models.recognizer import prepare_crop
 
 STORAGE = "qdq-int8"
 CALIBRATION_PERCENTILE = 99.99
+COMPUTED = (
+    "int8 (QDQ: weights per output channel, activations uint8, "
+    f"{CALIBRATION_PERCENTILE} percentile calibration)"
+)
 
 
 def _head_decode_nodes(graph: Any) -> list[str]:  # an onnx.GraphProto (onnx is imported lazily)
@@ -37,12 +42,66 @@ def _head_decode_nodes(graph: Any) -> list[str]:  # an onnx.GraphProto (onnx is 
     return [n.name for n in graph.node if n.name.startswith(head) and not n.name.startswith(branches)]
 
 
+def _read(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path))
+    if img is None:
+        raise ValueError(f"calibration image {path} does not decode")
+    return img
+
+
 def _blobs(images: list[Path], size: tuple[int, int]) -> Iterator[np.ndarray]:
     for path in images:
-        img = cv2.imread(str(path))
-        if img is None:
-            raise ValueError(f"calibration image {path} does not decode")
-        yield detector_input(img, size)[0]
+        yield detector_input(_read(path), size)[0]
+
+
+def _crop_blobs(crops: list[Path], size: int) -> Iterator[np.ndarray]:
+    for path in crops:
+        yield prepare_crop(_read(path), size).transpose(2, 0, 1)[None]
+
+
+def _quantize(
+    src: Path,
+    dst: Path,
+    blobs: Iterator[np.ndarray],
+    exclude: Callable[[Any], list[str]],
+    skip_symbolic_shape: bool = False,
+) -> int:
+    """QDQ int8 of `src` into `dst`, activation ranges from `blobs`; `exclude(graph)` names nodes kept
+    fp32. Returns how many were kept."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+
+    class Blobs(CalibrationDataReader):
+        def get_next(self) -> dict | None:
+            blob = next(blobs, None)
+            return None if blob is None else {name: blob}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=skip_symbolic_shape)
+        excluded = exclude(onnx.load(str(prepared)).graph)
+        quantize_static(
+            str(prepared),
+            str(dst),
+            Blobs(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.Percentile,
+            extra_options={"CalibPercentile": CALIBRATION_PERCENTILE},
+            nodes_to_exclude=excluded,
+        )
+    return len(excluded)
 
 
 def quantize_detector(
@@ -55,53 +114,36 @@ def quantize_detector(
     must share a shape, and the grey padding moves no activation range the device's stride-padded frames
     would not."""
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not calibration_images:
         raise ValueError("int8 quantization needs calibration images (shelf and checkout photos)")
-
-    class Photos(CalibrationDataReader):
-        def __init__(self, name: str, size: tuple[int, int]) -> None:
-            self._it = ({name: b} for b in _blobs(calibration_images, size))
-
-        def get_next(self) -> dict | None:
-            return next(self._it, None)
-
     model_input = onnx.load(str(src), load_external_data=False).graph.input[0]
     shape = [d.dim_value for d in model_input.type.tensor_type.shape.dim]  # 0: dynamic
     dynamic = not (shape[2] > 0 and shape[3] > 0)
     if dynamic and max_size is None:
         raise ValueError(f"{src.name} takes inputs of any size: give the size it was trained at")
-    photos = Photos(model_input.name, max_size if dynamic else (shape[2], shape[3]))
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        # Symbolic shape inference cannot follow the head's reshapes through a free height and width.
-        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=dynamic)
-        graph = onnx.load(str(prepared)).graph
-        excluded = _head_decode_nodes(graph)
-        quantize_static(
-            str(prepared),
-            str(dst),
-            photos,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.Percentile,
-            extra_options={"CalibPercentile": CALIBRATION_PERCENTILE},
-            nodes_to_exclude=excluded,
-        )
+    blobs = _blobs(calibration_images, max_size if dynamic else (shape[2], shape[3]))
+    # Symbolic shape inference cannot follow the head's reshapes through a free height and width.
+    kept = _quantize(src, dst, blobs, _head_decode_nodes, skip_symbolic_shape=dynamic)
     return {
         "storage": STORAGE,
-        "computed": "int8 (QDQ: weights per output channel, activations uint8, "
-        f"{CALIBRATION_PERCENTILE} percentile calibration)",
+        "computed": COMPUTED,
         "calibration_images": len(calibration_images),
-        "kept_fp32": f"{len(excluded)} nodes of the detection head's decoding",
+        "kept_fp32": f"{kept} nodes of the detection head's decoding",
     }
+
+
+def quantize_recognizer(src: Path, dst: Path, calibration_crops: list[Path]) -> dict:
+    """Write the int8 (QDQ) form of recognizer `src` to `dst`, its activation ranges from product crops
+    prepared as the device prepares them; returns what was done, for the manifest. Every node is
+    quantized: the embedding is L2-normalised at the end, so no output mixes scales."""
+    import onnx
+
+    if not calibration_crops:
+        raise ValueError("int8 quantization needs calibration crops (a world's crops/train)")
+    dims = onnx.load(str(src), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    size = dims[2].dim_value
+    if size <= 0 or dims[3].dim_value != size:
+        raise ValueError(f"{src.name} has no fixed square input to calibrate at")
+    _quantize(src, dst, _crop_blobs(calibration_crops, size), lambda graph: [])
+    return {"storage": STORAGE, "computed": COMPUTED, "calibration_crops": len(calibration_crops)}

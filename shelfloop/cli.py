@@ -470,19 +470,20 @@ def retrain_bundle(
         ),
     ] = "int8",
     recognizer_storage: Annotated[
-        str, typer.Option(help="Weight storage in the bundle: int8, float16 or float32 (computed in fp32).")
+        str,
+        typer.Option(
+            help="Weight storage in the bundle: int8, float16 or float32 (computed in fp32), or qdq-int8 "
+            "(computed in int8: static quantization calibrated on the calibration world's product crops)."
+        ),
     ] = "float16",
 ) -> None:
     """Assemble a signed model bundle (detector + recognizer ONNX, calibration, training record). Weights
     are stored compactly (int8 detector, float16 recognizer by default) and run in fp32 on the device."""
-    from retrain.bundle import DETECTOR_STORAGES, RECOGNIZER_STORAGES, assemble_model_bundle
+    from retrain.bundle import MODEL_STORAGES, assemble_model_bundle
 
-    for kind, storage, allowed in (
-        ("detector", detector_storage, DETECTOR_STORAGES),
-        ("recognizer", recognizer_storage, RECOGNIZER_STORAGES),
-    ):
-        if storage not in allowed:
-            _fail(f"{kind} storage must be one of {', '.join(allowed)}, not {storage!r}")
+    for kind, storage in (("detector", detector_storage), ("recognizer", recognizer_storage)):
+        if storage not in MODEL_STORAGES:
+            _fail(f"{kind} storage must be one of {', '.join(MODEL_STORAGES)}, not {storage!r}")
     try:
         m = assemble_model_bundle(
             detector,

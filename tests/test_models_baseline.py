@@ -195,3 +195,35 @@ def test_detector_quantized_to_int8_finds_the_same_boxes(bundle, small_world, tm
         matched += n * _match(ours, theirs.xyxy, theirs.confidence, 0.85, 0.1)
         boxes += n
     assert matched / boxes >= 0.9, (matched, boxes)
+
+
+def test_recognizer_quantized_to_int8_names_the_same_skus(bundle, small_world, tmp_path):
+    """`retrain bundle --recognizer-storage qdq-int8`: the shipped recognizer quantized on one split's crops
+    computes in int8. Tolerance, on another split's crops against a gallery of the first: embeddings at a
+    mean cosine >= 0.95 to the fp32 graph's, and top-1 within 0.05 of it."""
+    pytest.importorskip("onnxruntime.quantization", reason="ONNX Runtime's quantization tools are missing")
+    import onnx
+
+    from models.backends import create_backend
+    from models.recognizer import SkuEmbedder
+    from retrain.quantize import quantize_recognizer
+
+    src, dst = BASELINE_MODEL / "recognizer.onnx", tmp_path / "int8.onnx"
+    train = sorted((small_world / "crops" / "train").rglob("*.jpg"))
+    with pytest.raises(ValueError, match="calibration crops"):
+        quantize_recognizer(src, dst, [])
+    info = quantize_recognizer(src, dst, train[:: max(1, len(train) // 32)])
+    assert info["storage"] == "qdq-int8" and info["calibration_crops"] >= 32
+    ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8 = SkuEmbedder(create_backend("onnxruntime", dst))
+    queries = image_folder(small_world / "crops" / "test")
+    crops = [cv2.imread(str(p)) for p, _ in queries]
+    cosine = (int8.embed(crops) * bundle.embedder.embed(crops)).sum(1)
+    assert cosine.mean() >= 0.95, cosine.mean()
+    refs = image_folder(small_world / "crops" / "train")
+    top1 = {
+        name: evaluate_recognition(e, build_gallery(e, refs, "test"), queries)["top1"]
+        for name, e in (("fp32", bundle.embedder), ("int8", int8))
+    }
+    assert top1["int8"] >= top1["fp32"] - 0.05, top1
