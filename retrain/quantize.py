@@ -62,12 +62,13 @@ def _crop_blobs(crops: list[Path], size: int) -> Iterator[np.ndarray]:
 def _quantize(
     src: Path,
     dst: Path,
+    input_name: str,
     blobs: Iterator[np.ndarray],
     exclude: Callable[[Any], list[str]],
     skip_symbolic_shape: bool = False,
 ) -> int:
-    """QDQ int8 of `src` into `dst`, activation ranges from `blobs`; `exclude(graph)` names nodes kept
-    fp32. Returns how many were kept."""
+    """QDQ int8 of `src` into `dst`, activation ranges from `blobs` fed as `input_name`; `exclude(graph)`
+    names nodes kept fp32. Returns how many were kept."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -78,12 +79,10 @@ def _quantize(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    name = onnx.load(str(src), load_external_data=False).graph.input[0].name
-
     class Blobs(CalibrationDataReader):
         def get_next(self) -> dict | None:
             blob = next(blobs, None)
-            return None if blob is None else {name: blob}
+            return None if blob is None else {input_name: blob}
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -124,7 +123,7 @@ def quantize_detector(
         raise ValueError(f"{src.name} takes inputs of any size: give the size it was trained at")
     blobs = _blobs(calibration_images, max_size if dynamic else (shape[2], shape[3]))
     # Symbolic shape inference cannot follow the head's reshapes through a free height and width.
-    kept = _quantize(src, dst, blobs, _head_decode_nodes, skip_symbolic_shape=dynamic)
+    kept = _quantize(src, dst, model_input.name, blobs, _head_decode_nodes, skip_symbolic_shape=dynamic)
     return {
         "storage": STORAGE,
         "computed": COMPUTED,
@@ -141,9 +140,10 @@ def quantize_recognizer(src: Path, dst: Path, calibration_crops: list[Path]) -> 
 
     if not calibration_crops:
         raise ValueError("int8 quantization needs calibration crops (a world's crops/train)")
-    dims = onnx.load(str(src), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    model_input = onnx.load(str(src), load_external_data=False).graph.input[0]
+    dims = model_input.type.tensor_type.shape.dim
     size = dims[2].dim_value
     if size <= 0 or dims[3].dim_value != size:
         raise ValueError(f"{src.name} has no fixed square input to calibrate at")
-    _quantize(src, dst, _crop_blobs(calibration_crops, size), lambda graph: [])
+    _quantize(src, dst, model_input.name, _crop_blobs(calibration_crops, size), lambda graph: [])
     return {"storage": STORAGE, "computed": COMPUTED, "calibration_crops": len(calibration_crops)}
