@@ -59,7 +59,7 @@ _TORCH = textwrap.dedent("""
     torch.set_num_threads(os.cpu_count())
     from ultralytics import YOLO
     from retrain.recognizer import build_model
-    from models.recognizer import prepare_crop
+    from models.recognizer import crop_batch
     yolo = YOLO(args["detector_pt"])
     ckpt = torch.load(args["recognizer_pt"], map_location="cpu", weights_only=False)
     rec = build_model(ckpt["recipe"]["embed_dim"], ckpt["recipe"]["frozen_blocks"])
@@ -71,8 +71,7 @@ _TORCH = textwrap.dedent("""
     for im in imgs[:3]:
         yolo.predict(im, **kw)
     with torch.no_grad():  # warm up as the edge side does, on one batch
-        x = np.stack([prepare_crop(c, size) for c in crops[:args["batch"]]]).transpose(0, 3, 1, 2)
-        rec(torch.from_numpy(np.ascontiguousarray(x)))
+        rec(torch.from_numpy(crop_batch(crops[:args["batch"]], size)))
     print("ready", flush=True)
     for _ in sys.stdin:  # one round per line
         det = []
@@ -83,8 +82,7 @@ _TORCH = textwrap.dedent("""
             for i in range(0, len(crops), args["batch"]):
                 t = time.perf_counter()
                 batch = crops[i:i + args["batch"]]
-                x = np.stack([prepare_crop(c, size) for c in batch]).transpose(0, 3, 1, 2)
-                rec(torch.from_numpy(np.ascontiguousarray(x)))
+                rec(torch.from_numpy(crop_batch(batch, size)))
                 recs.append((time.perf_counter() - t) * 1e3)
         print(json.dumps({"det_ms": det, "rec_ms": recs}), flush=True)
     hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from models.detector import detector_input
-from models.recognizer import prepare_crop
+from models.recognizer import crop_batch
 
 STORAGE = "qdq-int8"
 CALIBRATION_PERCENTILE = 99.99
@@ -56,7 +56,7 @@ def _blobs(images: list[Path], size: tuple[int, int]) -> Iterator[np.ndarray]:
 
 def _crop_blobs(crops: list[Path], size: int) -> Iterator[np.ndarray]:
     for path in crops:
-        yield prepare_crop(_read(path), size).transpose(2, 0, 1)[None]
+        yield crop_batch([_read(path)], size)
 
 
 def _quantize(

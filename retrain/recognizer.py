@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from models.recognizer import prepare_crop
+from models.recognizer import crop_batch, prepare_crop
 from retrain.datasets import Sample
 
 
@@ -130,7 +130,7 @@ def _batches(samples: list[Sample], labels: dict[str, int], size: int, batch: in
     """Unaugmented batches in order, for class means and checks."""
     for i in range(0, len(samples), batch):
         chunk = samples[i : i + batch]
-        x = np.stack([prepare_crop(_read(s), size) for s in chunk]).transpose(0, 3, 1, 2)
+        x = crop_batch([_read(s) for s in chunk], size)
         yield x, np.array([labels[s.label] for s in chunk])
 
 
@@ -386,8 +386,7 @@ def check_parity(model, onnx_path: Path, images: list[Path], size: int) -> dict:
     torch, _, _ = _torch()
     from models.backends import create_backend
 
-    x = np.stack([prepare_crop(cv2.imread(str(p)), size) for p in images]).transpose(0, 3, 1, 2)
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = crop_batch([cv2.imread(str(p)) for p in images], size)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     got = create_backend("onnxruntime", onnx_path).infer(x)[0]

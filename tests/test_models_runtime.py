@@ -20,7 +20,7 @@ from models.errors import BackendUnavailable, BadImage, BundleError, GalleryMism
 from models.evaluate import _iou
 from models.gallery import Gallery, expected_calibration_error, fit_temperature
 from models.loader import BASELINE_MODEL
-from models.recognizer import SkuEmbedder, crop_boxes, prepare_crop
+from models.recognizer import SkuEmbedder, crop_batch, crop_boxes, prepare_crop
 
 onnx = pytest.importorskip("onnx", reason="onnx (train extra) builds the small test graphs")
 from onnx import TensorProto, helper  # noqa: E402
@@ -189,6 +189,17 @@ def test_prepare_crop_keeps_aspect_and_pads():
     assert out.shape == (32, 32, 3) and out.dtype == np.float32
     assert out[16, 16].tolist() == [255, 0, 0]  # RGB now
     assert out[16, 0].tolist() == [128, 128, 128]  # padding left of the narrow crop
+
+
+def test_crop_batch_is_each_prepared_crop_in_nchw():
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in ((40, 20), (7, 90), (300, 250))]
+    crops.append(rng.integers(0, 256, (30, 30), np.uint8))  # grey
+    blob = crop_batch(crops, 48)
+    assert blob.shape == (4, 3, 48, 48) and blob.dtype == np.float32 and blob.flags.c_contiguous
+    np.testing.assert_array_equal(blob, np.stack([prepare_crop(c, 48) for c in crops]).transpose(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="no crops"):
+        crop_batch([], 48)
 
 
 # --- backends -------------------------------------------------------------------------------------------
