@@ -136,9 +136,11 @@ def test_demo_runs_the_loop_on_embedded_defaults(tmp_path, monkeypatch):
 
 
 def _grocery_like(root: Path, kiwi: bool = False, new_in_val: bool = True) -> None:
-    """A Grocery Store layout (classes.csv, train.txt, val.txt): Cantaloupe, a class the shipped recognizer
-    never trained on, has a first train photo unlike its later ones and its val photos. `kiwi` adds a
-    second class the recognizer never trained on; `new_in_val=False` leaves Cantaloupe out of val."""
+    """A Grocery Store layout (classes.csv, train.txt, val.txt) of drawn patterns: Cantaloupe has a first
+    train photo (big green circles) unlike its later ones and its val photos (small blue circles), which sit
+    nearer Lemon's small yellow circles than that first photo, and it nearer them than Kiwi's lines (mean
+    cosine 0.68 / 0.39 / 0.14 with recognizer 1.3.0, 0.32 / 0.22 / 0.01 with 1.4.0). `kiwi` adds Kiwi as a
+    second class; `new_in_val=False` leaves Cantaloupe out of val."""
     import cv2
     import numpy as np
 
@@ -148,30 +150,29 @@ def _grocery_like(root: Path, kiwi: bool = False, new_in_val: bool = True) -> No
         if kind == "stripes":
             for y in range(0, 160, 16):
                 img[y : y + 6] = (40, 200, 230)
-        elif kind == "checks":
-            img[:] = ((np.indices((160, 120)).sum(0) // 20) % 2)[..., None] * np.array(
-                [30, 160, 40], np.uint8
-            )
-        elif kind == "circles":
-            for y in range(20, 160, 40):
-                for x in range(20, 120, 40):
-                    cv2.circle(img, (x, y), 14, (200, 60, 20), -1)
-        elif kind == "lines":
+        elif kind in ("circles", "lemons", "melons"):  # small blue, small yellow, big green
+            colour, radius, step = {
+                "circles": ((200, 60, 20), 14, 40),
+                "lemons": ((20, 200, 230), 14, 40),
+                "melons": ((40, 180, 40), 24, 60),
+            }[kind]
+            for y in range(step // 2, 160, step):
+                for x in range(step // 2, 120, step):
+                    cv2.circle(img, (x, y), radius, colour, -1)
+        else:
             img[:] = (40, 90, 110)
             for x in range(0, 120, 10):
                 cv2.line(img, (x, 0), (x, 159), (255, 255, 255), 2)
-        else:
-            cv2.putText(img, "LEMON", (5, 90), cv2.FONT_HERSHEY_SIMPLEX, 1.0, (20, 220, 250), 3)
         noise = rng.integers(-6, 7, img.shape)
         return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
 
     base = root / "dataset"
     classes = {
         "Banana": ["stripes"] * 4,
-        "Cantaloupe": ["checks", "circles", "circles", "circles"],
-        "Lemon": ["text"] * 4,
+        "Cantaloupe": ["melons", "circles", "circles", "circles"],
+        "Lemon": ["lemons"] * 4,
     }
-    val = {"Banana": ["stripes"], "Cantaloupe": ["circles", "circles"], "Lemon": ["text"]}
+    val = {"Banana": ["stripes"], "Cantaloupe": ["circles", "circles"], "Lemon": ["lemons"]}
     if not new_in_val:
         val["Cantaloupe"] = []
     if kiwi:

@@ -22,7 +22,11 @@ ov = pytest.importorskip("openvino", reason="openvino is the optional `intel` ex
 
 DETECTOR = BASELINE_MODEL / "detector.onnx"
 RECOGNIZER = BASELINE_MODEL / "recognizer.onnx"
-CROP = json.loads((BASELINE_MODEL / "manifest.json").read_text())["recognizer"]["input"][-1]
+MANIFEST = json.loads((BASELINE_MODEL / "manifest.json").read_text())
+CROP = MANIFEST["recognizer"]["input"][-1]
+RECOGNIZER_COSINE = 0.995 if MANIFEST["weights"]["recognizer"]["storage"] == "qdq-int8" else 0.99999
+"""An fp32 graph must give ONNX Runtime's embeddings; one that computes in int8 (QDQ) runs on each
+runtime's own int8 kernels, which round differently (minimum cosine 0.9988 measured on 1.3.0 in int8)."""
 
 
 def _cpu_offers(capability: str) -> bool:
@@ -51,7 +55,7 @@ def test_fp32_runs_the_shipped_models_as_onnxruntime_does(small_world):
     ovr = create_backend("openvino", RECOGNIZER)
     assert ovr.inputs[0].shape == (None, 3, CROP, CROP)
     got, want = ovr.infer(x)[0], create_backend("onnxruntime", RECOGNIZER).infer(x)[0]
-    assert (got * want).sum(1).min() > 0.99999
+    assert (got * want).sum(1).min() > RECOGNIZER_COSINE
 
 
 @pytest.mark.skipif(not _cpu_offers("BF16"), reason="this CPU has no bf16 (AVX512-BF16 or AMX)")
