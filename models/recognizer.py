@@ -84,11 +84,10 @@ class SkuEmbedder:
             return np.zeros((0, self.dim), np.float32)
         out = []
         for i in range(0, len(crops), self.batch_size):
-            chunk = list(crops[i : i + self.batch_size])
-            n = len(chunk)
+            blob = crop_batch(crops[i : i + self.batch_size], self.input_size)
+            n = len(blob)
             if self.fixed_batch and n < self.fixed_batch:
-                chunk += [chunk[-1]] * (self.fixed_batch - n)
-            blob = crop_batch(chunk, self.input_size)
+                blob = np.concatenate([blob, np.repeat(blob[-1:], self.fixed_batch - n, axis=0)])
             emb = self.backend.infer(blob)[0][:n]
             out.append(emb.astype(np.float32))
         emb = np.concatenate(out)

@@ -202,6 +202,21 @@ def test_crop_batch_is_each_prepared_crop_in_nchw():
         crop_batch([], 48)
 
 
+def test_an_embedder_with_a_static_batch_pads_the_last_one(tmp_path, fake_embedder_onnx):
+    """A model exported for a fixed batch (as TensorRT engines often are) gets its last batch padded with
+    copies of the last crop, and only the real crops' embeddings come back."""
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [4, 3, 32, 32])
+    y = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [4, 3])
+    nodes = [helper.make_node("ReduceMean", ["pixels"], ["embedding"], axes=[2, 3], keepdims=0)]
+    static = _save(helper.make_model(helper.make_graph(nodes, "static", [x], [y])), tmp_path / "static.onnx")
+    rng = np.random.default_rng(1)
+    crops = [rng.integers(0, 256, (20 + i, 30, 3), np.uint8) for i in range(6)]
+    fixed = SkuEmbedder(create_backend("onnxruntime", static))
+    assert fixed.fixed_batch == fixed.batch_size == 4
+    want = SkuEmbedder(create_backend("onnxruntime", fake_embedder_onnx)).embed(crops)
+    np.testing.assert_allclose(fixed.embed(crops), want, rtol=1e-6)
+
+
 # --- backends -------------------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from models.errors import BackendUnavailable, ModelError
 from models.evaluate import _iou
 from models.loader import BASELINE_MODEL, load_model_bundle
 from models.recognizer import prepare_crop
+from retrain.quantize import STORAGE as QDQ_INT8
 
 ov = pytest.importorskip("openvino", reason="openvino is the optional `intel` extra")
 
@@ -24,7 +25,7 @@ DETECTOR = BASELINE_MODEL / "detector.onnx"
 RECOGNIZER = BASELINE_MODEL / "recognizer.onnx"
 MANIFEST = json.loads((BASELINE_MODEL / "manifest.json").read_text())
 CROP = MANIFEST["recognizer"]["input"][-1]
-RECOGNIZER_COSINE = 0.995 if MANIFEST["weights"]["recognizer"]["storage"] == "qdq-int8" else 0.99999
+RECOGNIZER_COSINE = 0.995 if MANIFEST["weights"]["recognizer"]["storage"] == QDQ_INT8 else 0.99999
 """An fp32 graph must give ONNX Runtime's embeddings; one that computes in int8 (QDQ) runs on each
 runtime's own int8 kernels, which round differently (minimum cosine 0.9988 measured on 1.3.0 in int8)."""
 
