@@ -54,8 +54,9 @@ def load_model_bundle(
     """Verify and load a model bundle (detector + recognizer) on the configured backend.
 
     `precision` (default: the backend's own, see `PRECISIONS`) is what the detector computes in. The
-    recognizer always computes in fp32: its gallery was embedded in fp32, and look-alike SKUs sit closer
-    together than a bf16 or fp16 rounding moves an embedding."""
+    recognizer never takes it: it computes as its bundle was made (fp32, or int8 from a `qdq-int8` bundle,
+    with ranges calibrated on product crops), the graph its gallery was embedded with, because look-alike
+    SKUs sit closer together than a bf16 or fp16 rounding moves an embedding."""
     precision = check_precision(backend, precision)
     verified = verify_bundle(Path(path), trusted_keys or default_trusted_keys(), kind="model")
     m = verified.manifest
