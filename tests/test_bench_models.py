@@ -8,15 +8,32 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from models.loader import BASELINE_MODEL
+from retrain.quantize import STORAGE as QDQ_INT8
 from shelfloop.cli import app
 
 pytestmark = pytest.mark.train
 
 
-@pytest.mark.parametrize(
-    ("backend", "device"), [("onnxruntime", "CPUExecutionProvider"), ("openvino", "OpenVINO CPU fp32")]
+INT8_RECOGNIZER = (
+    json.loads((BASELINE_MODEL / "manifest.json").read_text())["weights"]["recognizer"]["storage"] == QDQ_INT8
 )
-def test_bench_models_interleaves_rounds_of_both_sides(small_world, tmp_path, monkeypatch, backend, device):
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "recognizer_device"),
+    [
+        ("onnxruntime", "CPUExecutionProvider", "CPUExecutionProvider"),
+        (
+            "openvino",
+            "OpenVINO CPU fp32",
+            "OpenVINO CPU fp32 with int8 convolutions" if INT8_RECOGNIZER else "OpenVINO CPU fp32",
+        ),
+    ],
+)
+def test_bench_models_interleaves_rounds_of_both_sides(
+    small_world, tmp_path, monkeypatch, backend, device, recognizer_device
+):
     pytest.importorskip("ultralytics", reason="the train extra (ultralytics) is not installed")
     if backend == "openvino":
         pytest.importorskip("openvino", reason="openvino is the optional `intel` extra")
@@ -40,7 +57,7 @@ def test_bench_models_interleaves_rounds_of_both_sides(small_world, tmp_path, mo
     assert result.exit_code == 0, result.output
     r = json.loads(out.read_text())
     assert r["rounds"] == 3 and r["images"] == 2
-    assert r["provider"] == r["recognizer_provider"] == device
+    assert r["provider"] == device and r["recognizer_provider"] == recognizer_device
     for part in ("detector", "recognizer"):
         assert r[part]["edge"]["n"] == r[part]["ultralytics_pytorch"]["n"]
         assert len(r[part]["speedup_per_round"]) == 3 and min(r[part]["speedup_per_round"]) > 0

@@ -65,7 +65,9 @@ def test_fp32_runs_the_shipped_models_as_onnxruntime_does(small_world):
 def test_an_int8_recognizer_runs_its_convolutions_in_int8():
     """A QDQ graph keeps its quantized weights: folded to fp32 constants, as compactly stored weights are,
     they made OpenVINO compute the convolutions in fp32, three times slower than in int8."""
-    runtime = create_backend("openvino", RECOGNIZER).compiled.get_runtime_model()
+    backend = create_backend("openvino", RECOGNIZER)
+    assert backend.device == "OpenVINO CPU fp32 with int8 convolutions"
+    runtime = backend.compiled.get_runtime_model()
     convolutions = [
         op.get_rt_info()["runtimePrecision"].astype(str)
         for op in runtime.get_ordered_ops()
@@ -125,11 +127,14 @@ def test_precision_is_checked_against_the_backend_before_anything_loads():
         load_model_bundle(backend="openvino", precision="int8")
 
 
-def test_bundle_on_openvino_keeps_the_recognizer_in_fp32():
+def test_bundle_on_openvino_keeps_the_recognizer_as_it_was_made():
+    """The detector's precision is not the recognizer's: it stays fp32 (with int8 convolutions when its
+    bundle quantized it), the graph its gallery was embedded with."""
     precision = "bf16" if _cpu_offers("BF16") else "fp32"
     mb = load_model_bundle(backend="openvino", precision=precision)
     assert mb.detector.backend.device == f"OpenVINO CPU {precision}"
-    assert mb.embedder.backend.device == "OpenVINO CPU fp32"
+    int8 = MANIFEST["weights"]["recognizer"]["storage"] == QDQ_INT8
+    assert mb.embedder.backend.device == "OpenVINO CPU fp32" + (" with int8 convolutions" if int8 else "")
 
 
 def test_eval_detection_on_openvino_scores_as_onnxruntime(small_world, tmp_path):

@@ -60,7 +60,9 @@ class OpenVinoBackend(InferenceBackend):
             config["INFERENCE_NUM_THREADS"] = threads or os.cpu_count() or 1
         try:
             model = core.read_model(str(self.model_path))
-            _fold_stored_weights(model)
+            self.quantized = any(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
+            if not self.quantized:
+                _fold_stored_weights(model)
             self.compiled = core.compile_model(model, device, config)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own for corrupt models
             raise ModelError(f"cannot load {self.model_path.name} with openvino: {exc}") from exc
@@ -88,7 +90,8 @@ class OpenVinoBackend(InferenceBackend):
 
     @property
     def device(self) -> str:
-        return f"OpenVINO {self._device} {self.precision}"
+        label = f"OpenVINO {self._device} {self.precision}"
+        return f"{label} with int8 convolutions" if self.quantized else label
 
     def infer(self, *inputs: np.ndarray) -> list[np.ndarray]:
         check_input_shapes(self.model_path.name, self._inputs, inputs)
@@ -108,22 +111,19 @@ def _spec(port) -> TensorSpec:
 
 def _fold_stored_weights(model) -> None:
     """Turn weights stored compactly (int8 or fp16 with a Cast and a Mul, see `retrain.compact`) into plain
-    fp32 constants before compiling.
+    fp32 constants before compiling (not in a graph quantized to compute in int8, see `quantized`).
 
     OpenVINO reads that pattern as weight compression and keeps the weights compact inside its kernels,
     which fails on 1x1 convolutions fed by a split (OpenVINO 2026.4's ConvertWeightCompressedConv1x1ToMatmul,
     YOLO11's attention block) and is not the fp32 graph ONNX Runtime runs.
 
-    A graph quantized to compute in int8 (`retrain.quantize`: its activations become FakeQuantize) is left
-    as it is: folding its weights' dequantization to fp32 constants would stop OpenVINO's int8 kernels and
-    run it in fp32 with quantized activations, three times slower (the 1.4.0 recognizer: 134 ms against
+    A graph quantized to compute in int8 (`retrain.quantize`: its activations become FakeQuantize) must
+    not come here: folding its weights' dequantization to fp32 constants stops OpenVINO's int8 kernels and
+    runs it in fp32 with quantized activations, three times slower (the 1.4.0 recognizer: 134 ms against
     43 ms for 16 crops on a Xeon with AMX)."""
     from openvino import opset13
 
-    ops = model.get_ordered_ops()
-    if any(op.get_type_name() == "FakeQuantize" for op in ops):
-        return
-    for op in ops:
+    for op in model.get_ordered_ops():
         kind = op.get_type_name()
         if kind not in ("Convert", "Multiply"):
             continue
