@@ -8,6 +8,7 @@ port (for outage tests) and are all terminated at teardown.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,9 +20,20 @@ from pathlib import Path
 
 import pytest
 
+from models.loader import BASELINE_MODEL
+from retrain.quantize import STORAGE as QDQ_INT8
 from shelfloop.broker import free_port
 
 _SEARCH_DIRS = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin", "/opt/homebrew/sbin")
+
+
+def shipped_recognizer_in_int8() -> bool:
+    """Whether the shipped bundle computes its recognizer in int8 (`retrain bundle --recognizer-storage
+    qdq-int8`): the parity tolerances and backend labels that hold for it follow from that."""
+    manifest = BASELINE_MODEL / "manifest.json"
+    if not manifest.is_file():
+        return False
+    return json.loads(manifest.read_text())["weights"]["recognizer"]["storage"] == QDQ_INT8
 
 
 def find_executable(name: str) -> str | None:

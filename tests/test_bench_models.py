@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import shipped_recognizer_in_int8
 from typer.testing import CliRunner
 
-from models.loader import BASELINE_MODEL
-from retrain.quantize import STORAGE as QDQ_INT8
 from shelfloop.cli import app
 
 pytestmark = pytest.mark.train
 
 
-INT8_RECOGNIZER = (
-    json.loads((BASELINE_MODEL / "manifest.json").read_text())["weights"]["recognizer"]["storage"] == QDQ_INT8
-)
+INT8_RECOGNIZER = shipped_recognizer_in_int8()
 
 
 @pytest.mark.parametrize(

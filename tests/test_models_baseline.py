@@ -9,12 +9,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import shipped_recognizer_in_int8
 
 from models.backends import create_backend
 from models.evaluate import build_gallery, evaluate_recognition, image_folder
 from models.loader import BASELINE_GALLERY, BASELINE_MODEL, load_gallery, load_model_bundle
 from models.recognizer import SkuEmbedder, crop_batch
-from retrain.quantize import STORAGE as QDQ_INT8
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "retrain" / "baseline"
@@ -130,7 +130,7 @@ def torch_recognizer():
 def fp32_recognizer(bundle, request, tmp_path_factory) -> Path:
     """The shipped recognizer computed in fp32: the bundle's own file, or, where the bundle computes it in
     int8 (`retrain bundle --recognizer-storage qdq-int8`), an fp32 export of the same weights."""
-    if bundle.bundle.manifest["weights"]["recognizer"]["storage"] != QDQ_INT8:
+    if not shipped_recognizer_in_int8():
         return BASELINE_MODEL / "recognizer.onnx"
     from retrain.recognizer import export_onnx
 

@@ -10,6 +10,7 @@ import logging
 import cv2
 import numpy as np
 import pytest
+from conftest import shipped_recognizer_in_int8
 
 from models.backends import check_precision, create_backend
 from models.detector import ProductDetector
@@ -17,15 +18,14 @@ from models.errors import BackendUnavailable, ModelError
 from models.evaluate import _iou
 from models.loader import BASELINE_MODEL, load_model_bundle
 from models.recognizer import prepare_crop
-from retrain.quantize import STORAGE as QDQ_INT8
 
 ov = pytest.importorskip("openvino", reason="openvino is the optional `intel` extra")
 
 DETECTOR = BASELINE_MODEL / "detector.onnx"
 RECOGNIZER = BASELINE_MODEL / "recognizer.onnx"
-MANIFEST = json.loads((BASELINE_MODEL / "manifest.json").read_text())
-CROP = MANIFEST["recognizer"]["input"][-1]
-RECOGNIZER_COSINE = 0.995 if MANIFEST["weights"]["recognizer"]["storage"] == QDQ_INT8 else 0.99999
+CROP = json.loads((BASELINE_MODEL / "manifest.json").read_text())["recognizer"]["input"][-1]
+INT8_RECOGNIZER = shipped_recognizer_in_int8()
+RECOGNIZER_COSINE = 0.995 if INT8_RECOGNIZER else 0.99999
 """An fp32 graph must give ONNX Runtime's embeddings; one that computes in int8 (QDQ) runs on each
 runtime's own int8 kernels, which round differently (minimum cosine 0.998 measured on 1.4.0)."""
 
@@ -59,9 +59,7 @@ def test_fp32_runs_the_shipped_models_as_onnxruntime_does(small_world):
     assert (got * want).sum(1).min() > RECOGNIZER_COSINE
 
 
-@pytest.mark.skipif(
-    MANIFEST["weights"]["recognizer"]["storage"] != QDQ_INT8, reason="the shipped recognizer computes in fp32"
-)
+@pytest.mark.skipif(not INT8_RECOGNIZER, reason="the shipped recognizer computes in fp32")
 def test_an_int8_recognizer_runs_its_convolutions_in_int8():
     """A QDQ graph keeps its quantized weights: folded to fp32 constants, as compactly stored weights are,
     they made OpenVINO compute the convolutions in fp32, three times slower than in int8."""
@@ -133,8 +131,8 @@ def test_bundle_on_openvino_keeps_the_recognizer_as_it_was_made():
     precision = "bf16" if _cpu_offers("BF16") else "fp32"
     mb = load_model_bundle(backend="openvino", precision=precision)
     assert mb.detector.backend.device == f"OpenVINO CPU {precision}"
-    int8 = MANIFEST["weights"]["recognizer"]["storage"] == QDQ_INT8
-    assert mb.embedder.backend.device == "OpenVINO CPU fp32" + (" with int8 convolutions" if int8 else "")
+    int8 = " with int8 convolutions" if INT8_RECOGNIZER else ""
+    assert mb.embedder.backend.device == f"OpenVINO CPU fp32{int8}"
 
 
 def test_eval_detection_on_openvino_scores_as_onnxruntime(small_world, tmp_path):
