@@ -51,11 +51,14 @@ def build_gallery(
     temperature: float = 0.05,
     unknown_threshold: float = 1.0,
     variant_of: Callable[[Path, str], str] | None = None,
+    scoring: str = "nearest",
 ) -> Gallery:
     emb = embed_paths(embedder, [p for p, _ in items])
     labels = [lbl for _, lbl in items]
     variants = [variant_of(p, lbl) if variant_of else lbl for p, lbl in items]
-    return Gallery(emb, labels, variants, embedder.fingerprint, version, temperature, unknown_threshold)
+    return Gallery(
+        emb, labels, variants, embedder.fingerprint, version, temperature, unknown_threshold, scoring
+    )
 
 
 def evaluate_recognition(
@@ -99,6 +102,7 @@ def evaluate_recognition(
         "known_acceptance_rate": float(accepted[known].mean()) if n_known else None,
         "ece": expected_calibration_error(result.probability[known], top1[known]) if n_known else None,
         "unknown_rejection_rate": float((~accepted[~known]).mean()) if (~known).any() else None,
+        "scoring": gallery.scoring,
         "temperature": gallery.temperature,
         "unknown_threshold": gallery.unknown_threshold,
         "per_class": dict(sorted(per_class.items())),

@@ -3,6 +3,11 @@
 Packaging variants are references of their canonical SKU, so a promo pack votes for the product it is.
 Scores are turned into probabilities by a temperature fitted on held-out queries; the distance to the
 nearest reference is the novelty score that lets the recognizer say "unknown product".
+
+An SKU's score is its nearest reference's similarity (`nearest`), or (`blend`) half that and half the
+similarity to a weight vector per SKU fitted over the gallery with every SKU weighted alike: a new SKU with
+five references then competes on equal terms with a trained look-alike that has fifty, instead of losing
+its queries to it (docs/measurements.md, Recognizer 12-05 (13)).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import numpy as np
 from models.errors import BundleError, GalleryMismatch
 
 NEIGHBOURS = 64  # references retrieved per query before grouping by SKU
+SCORING = ("nearest", "blend")
+BLEND_SCALE = 12.0  # softmax scale of the SKU weights' fit: chosen on Grocery train photos alone (8-16)
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class Gallery:
     version: str = "0"
     temperature: float = 0.05
     unknown_threshold: float = 1.0  # novelty above this -> unknown product (1.0 never triggers)
+    scoring: str = "nearest"  # one of SCORING
+    sku_weights: np.ndarray | None = None  # (len(skus), D) for `blend`: fitted here when not given
     _index: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -52,6 +61,18 @@ class Gallery:
         self._index = faiss.IndexFlatIP(self.embeddings.shape[1])
         self._index.add(self.embeddings)
         self._skus = np.asarray(self.sku_ids, dtype=object)
+        if self.scoring not in SCORING:
+            raise BundleError(f"unknown gallery scoring {self.scoring!r}; choose one of {', '.join(SCORING)}")
+        if self.scoring == "blend":
+            if self.sku_weights is None:
+                self.sku_weights = fit_sku_weights(self.embeddings, self.sku_ids)
+            self.sku_weights = np.ascontiguousarray(self.sku_weights, dtype=np.float32)
+            if self.sku_weights.shape != (len(self.skus), self.embeddings.shape[1]):
+                raise BundleError(
+                    f"gallery {self.version}: SKU weights of shape {self.sku_weights.shape} do not fit "
+                    f"{len(self.skus)} SKUs of {self.embeddings.shape[1]}-d embeddings"
+                )
+            self._weight_row = {s: i for i, s in enumerate(self.skus)}
 
     @property
     def skus(self) -> list[str]:
@@ -72,14 +93,18 @@ class Gallery:
                 f"query embeddings of shape {q.shape} do not fit a {self.embeddings.shape[1]}-d gallery"
             )
         sims, idx = self._index.search(q, min(NEIGHBOURS, len(self.sku_ids)))
+        to_weights = q @ self.sku_weights.T if self.scoring == "blend" else None
         ranked = []
-        for srow, irow in zip(sims, idx, strict=True):
+        for n, (srow, irow) in enumerate(zip(sims, idx, strict=True)):
             best: dict[str, float] = {}
             for s, i in zip(srow, irow, strict=True):
                 if i >= 0:
                     sku = self._skus[i]
                     if s > best.get(sku, -2.0):
                         best[sku] = float(s)
+            if to_weights is not None:
+                weights = to_weights[n]
+                best = {sku: 0.5 * (s + float(weights[self._weight_row[sku]])) for sku, s in best.items()}
             ranked.append(sorted(best.items(), key=lambda kv: -kv[1])[:k])
         return ranked, sims[:, 0]
 
@@ -110,6 +135,8 @@ class Gallery:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / "embeddings.npy", self.embeddings.astype(np.float16))
+        if self.sku_weights is not None:
+            np.save(directory / "sku_weights.npy", self.sku_weights)
         (directory / "references.json").write_text(
             json.dumps(
                 [{"sku_id": s, "variant_id": v} for s, v in zip(self.sku_ids, self.variant_ids, strict=True)]
@@ -125,6 +152,7 @@ class Gallery:
             "skus": len(self.skus),
             "temperature": self.temperature,
             "unknown_threshold": self.unknown_threshold,
+            "scoring": self.scoring,
             **(extra_manifest or {}),
         }
 
@@ -133,9 +161,13 @@ class Gallery:
         directory = Path(directory)
         if manifest.get("kind") != "gallery":
             raise BundleError(f"{directory} is a {manifest.get('kind')!r} bundle, not a gallery")
+        scoring = manifest.get("scoring", "nearest")  # galleries before 2026-12-05 name none
         try:
             emb = np.load(directory / "embeddings.npy", allow_pickle=False).astype(np.float32)
             refs = json.loads((directory / "references.json").read_text())
+            weights = (
+                np.load(directory / "sku_weights.npy", allow_pickle=False) if scoring == "blend" else None
+            )
         except (OSError, ValueError) as exc:
             raise BundleError(f"gallery {directory} is unreadable: {exc}") from exc
         emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
@@ -147,7 +179,41 @@ class Gallery:
             str(manifest["version"]),
             float(manifest["temperature"]),
             float(manifest["unknown_threshold"]),
+            scoring,
+            weights,
         )
+
+
+def fit_sku_weights(
+    embeddings: np.ndarray, sku_ids: list[str], scale: float = BLEND_SCALE, steps: int = 300
+) -> np.ndarray:
+    """One unit vector per SKU (in `sorted(set(sku_ids))` order), a cosine softmax classifier over the
+    references in which each SKU weighs the same whatever its reference count. Starts at the SKUs' mean
+    references; full-batch Adam, a second or so for a few thousand references."""
+    skus = sorted(set(sku_ids))
+    row = {s: i for i, s in enumerate(skus)}
+    y = np.array([row[s] for s in sku_ids])
+    x = np.asarray(embeddings, np.float32)
+    counts = np.bincount(y, minlength=len(skus)).astype(np.float32)
+    weight = (1.0 / counts[y]) / len(skus)  # per reference; sums to 1 over the gallery
+    w = np.zeros((len(skus), x.shape[1]), np.float32)
+    np.add.at(w, y, x)
+    w /= np.linalg.norm(w, axis=1, keepdims=True).clip(1e-12)  # unit rows: Adam's step is a turn of them
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    lr, b1, b2 = 0.01, 0.9, 0.999
+    for step in range(1, steps + 1):
+        norm = np.linalg.norm(w, axis=1, keepdims=True).clip(1e-12)
+        unit = w / norm
+        logits = scale * (x @ unit.T)
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p[np.arange(len(y)), y] -= 1.0
+        g_unit = scale * (p * weight[:, None]).T @ x
+        g = (g_unit - (g_unit * unit).sum(1, keepdims=True) * unit) / norm  # through the normalisation
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        w -= lr * (m / (1 - b1**step)) / (np.sqrt(v / (1 - b2**step)) + 1e-8)
+    return w / np.linalg.norm(w, axis=1, keepdims=True).clip(1e-12)
 
 
 def fit_temperature(ranked: list[list[tuple[str, float]]], truth: list[str]) -> float:

@@ -186,6 +186,7 @@ def build_gallery_bundle(
     signing_key: Path,
     temperature: float | None = None,
     unknown_threshold: float | None = None,
+    scoring: str = "nearest",
 ) -> dict:
     """Embed reference ImageFolders (`<sku_id>/*.jpg`; packshot files named `<variant_id>.jpg` keep their
     variant) with the bundle's recognizer and sign the gallery for it."""
@@ -201,6 +202,7 @@ def build_gallery_bundle(
         temperature or cal.get("temperature", 0.05),
         unknown_threshold or cal.get("unknown_threshold", 1.0),
         variant_of=lambda p, lbl: p.stem if p.stem.startswith(lbl) and not p.stem.endswith(".back") else lbl,
+        scoring=scoring,
     )
     out = Path(out)
     if out.exists():

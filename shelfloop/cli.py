@@ -86,6 +86,22 @@ PrecisionOpt = Annotated[
     str | None,
     typer.Option(help="What the detector computes in: fp32, bf16, fp16, int8 (default: the backend's own)."),
 ]
+ScoringOpt = Annotated[
+    str,
+    typer.Option(
+        help="How the gallery scores an SKU: nearest (its nearest reference) or blend (half that, half a "
+        "weight per SKU fitted with every SKU weighted alike, so few references are not outvoted)."
+    ),
+]
+
+
+def _scoring(name: str) -> str:
+    """A gallery scoring rule by name, or a clear error before any model is loaded."""
+    from models.gallery import SCORING
+
+    if name not in SCORING:
+        _fail(f"--scoring {name!r}: choose one of {', '.join(SCORING)}")
+    return name
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -545,11 +561,12 @@ def retrain_gallery(
     out: Annotated[Path, typer.Option(help="Gallery directory to write (replaced if it exists).")],
     version: Annotated[str, typer.Option(help="Gallery version.")],
     signing_key: Annotated[Path, typer.Option(help="ed25519 private key (PEM) that signs the manifest.")],
+    scoring: ScoringOpt = "nearest",
 ) -> None:
     """Build and sign an SKU gallery: a new SKU needs reference images here, not new weights."""
     from retrain.bundle import build_gallery_bundle
 
-    m = build_gallery_bundle(bundle, references, out, version, signing_key)
+    m = build_gallery_bundle(bundle, references, out, version, signing_key, scoring=_scoring(scoring))
     typer.echo(f"signed gallery {out} {m['version']}: {m['references']} references of {m['skus']} SKUs")
 
 
@@ -563,12 +580,14 @@ def eval_recognition(
         ),
     ],
     bundle: Annotated[Path | None, typer.Option(help="Model bundle (default: the shipped baseline).")] = None,
+    scoring: ScoringOpt = "nearest",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
 ) -> None:
     """Top-1, top-5, per-class accuracy, ECE and unknown-rejection rate of the recognizer, run through the
     exported ONNX with the bundle's calibration."""
     from models.evaluate import build_gallery, evaluate_recognition, image_folder
 
+    scoring = _scoring(scoring)
     mb = _load_bundle(bundle)
     cal = mb.calibration
     g = build_gallery(
@@ -577,6 +596,7 @@ def eval_recognition(
         "eval",
         cal.get("temperature", 0.05),
         cal.get("unknown_threshold", 1.0),
+        scoring=_scoring(scoring),
     )
     r = evaluate_recognition(mb.embedder, g, image_folder(queries))
     typer.echo(
@@ -646,6 +666,7 @@ def eval_compliance(
     ] = None,
     backend: BackendOpt = "onnxruntime",
     precision: PrecisionOpt = None,
+    scoring: ScoringOpt = "nearest",
     json_out: Annotated[
         Path | None,
         typer.Option(
@@ -660,13 +681,14 @@ def eval_compliance(
     from planograms.evaluate import evaluate_on_world
 
     mb = None
+    scoring = _scoring(scoring)
     if not ground_truth_detections:
         mb = _load_bundle(bundle, backend, precision)
         if conf is not None:
             mb.detector.conf_threshold = conf
     results = []
     for world in dataset:
-        detections = None if mb is None else _world_detections(mb, world, split)
+        detections = None if mb is None else _world_detections(mb, world, split, scoring)
         r = evaluate_on_world(
             world, split, use_ground_truth_detections=ground_truth_detections, detections=detections
         )
@@ -691,7 +713,7 @@ def eval_compliance(
         json_out.write_text(json.dumps(out, indent=2, default=str) + "\n")
 
 
-def _world_detections(mb: ModelBundle, world: Path, split: str) -> dict:
+def _world_detections(mb: ModelBundle, world: Path, split: str, scoring: str = "nearest") -> dict:
     """The models' observation of each shelf photo of a world, against a gallery of that world's catalogue."""
     import cv2
 
@@ -700,7 +722,7 @@ def _world_detections(mb: ModelBundle, world: Path, split: str) -> dict:
 
     cal = {k: v for k, v in mb.calibration.items() if k != "fitted_on"}
     refs = image_folder(world / "crops" / "train") + image_folder(world / "catalogue" / "packshots")
-    recognizer = mb.recognizer(build_gallery(mb.embedder, refs, "eval", **cal))
+    recognizer = mb.recognizer(build_gallery(mb.embedder, refs, "eval", **cal, scoring=scoring))
     gt = json.loads((world / "shelf" / "compliance_gt.json").read_text())
     detections = {}
     for item in gt["images"]:
@@ -751,6 +773,7 @@ def eval_grocery(
             "then the protocol's, not a new SKU's.",
         ),
     ] = [],  # noqa: B006
+    scoring: ScoringOpt = "nearest",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON.")] = None,
 ) -> None:
     """Fine-grained recognition on real photos: gallery = the train split (classes the bundle was not trained
@@ -765,6 +788,7 @@ def eval_grocery(
     from models.gallery import Gallery
     from retrain.datasets import grocery_store
 
+    scoring = _scoring(scoring)
     mb = _load_bundle(bundle)
     trained = mb.bundle.manifest["recognizer"].get("training", {}).get("recipe", {}).get("data", {})
     held_out = set(trained.get("holdout_classes", []))
@@ -802,7 +826,9 @@ def eval_grocery(
 
     def gallery(rows: list[int]) -> Gallery:
         picked = [labels[i] for i in rows]
-        return Gallery(embeddings[rows], picked, picked, mb.embedder.fingerprint, "grocery", **cal)
+        return Gallery(
+            embeddings[rows], picked, picked, mb.embedder.fingerprint, "grocery", **cal, scoring=scoring
+        )
 
     queries = [(s.path, s.label) for s in grocery_store(root, "val")]
     asked = embed_paths(mb.embedder, [p for p, _ in queries])

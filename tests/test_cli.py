@@ -261,6 +261,36 @@ def test_eval_grocery_draws_say_n_a_where_no_val_photo_is_of_a_new_sku(tmp_path)
     assert "new_sku_top1 over 3 draws" in output and "n/a" in output
 
 
+def test_eval_grocery_scores_by_blend_and_refuses_a_scoring_it_does_not_know(tmp_path):
+    output, r = _eval_grocery(tmp_path, "--scoring", "blend", kiwi=True)
+    assert r["scoring"] == "blend" and r["queries"] == 5 and r["gallery_skus"] == 4
+    assert "new_sku_top1" in output
+    refused = runner.invoke(app, ["eval", "grocery", "--root", str(tmp_path / "gs"), "--scoring", "vote"])
+    assert refused.exit_code == 2
+    assert "--scoring 'vote'" in refused.output and "nearest, blend" in refused.output
+
+
+def test_retrain_gallery_signs_blend_weights_that_the_loader_verifies(tmp_path):
+    from models.bundle import generate_signing_key, trusted_key_of
+    from models.errors import BundleError
+    from models.loader import load_gallery
+
+    _grocery_like(tmp_path / "gs")
+    key = tmp_path / "key.pem"
+    generate_signing_key(key)
+    out = tmp_path / "gallery"
+    args = ["retrain", "gallery", "--bundle", "models/baseline/model", "--references"]
+    args += [str(tmp_path / "gs" / "dataset" / "train" / "Fruit"), "--out", str(out), "--version", "t-1"]
+    made = runner.invoke(app, [*args, "--signing-key", str(key), "--scoring", "blend"])
+    assert made.exit_code == 0, made.output
+    gallery = load_gallery(out, trusted_key_of(key))
+    assert gallery.scoring == "blend" and gallery.sku_weights.shape == (3, 256)
+    weights = out / "sku_weights.npy"
+    weights.write_bytes(weights.read_bytes()[:-8])  # truncated after signing
+    with pytest.raises(BundleError, match=r"sku_weights\.npy"):
+        load_gallery(out, trusted_key_of(key))
+
+
 def test_retrain_metrics_records_figures_and_re_signs_only_an_intact_bundle(tmp_path):
     from models.bundle import generate_signing_key, sign_bundle, trusted_key_of, verify_bundle
 

@@ -18,7 +18,7 @@ from models.detections import Detections
 from models.detector import ProductDetector, as_bgr, decode_image, letterbox, nms
 from models.errors import BackendUnavailable, BadImage, BundleError, GalleryMismatch, ModelError
 from models.evaluate import _iou
-from models.gallery import Gallery, expected_calibration_error, fit_temperature
+from models.gallery import Gallery, expected_calibration_error, fit_sku_weights, fit_temperature
 from models.loader import BASELINE_MODEL
 from models.recognizer import SkuEmbedder, crop_batch, crop_boxes, prepare_crop
 
@@ -395,6 +395,65 @@ def test_gallery_round_trip_and_temperature_fit(tmp_path, fake_embedder_onnx):
     t = fit_temperature(ranked, ["a", "b", "b"])
     assert 0.005 <= t <= 1.0
     assert expected_calibration_error(np.array([0.9, 0.9]), np.array([1, 0])) == pytest.approx(0.4)
+
+
+def _clusters(counts: dict[str, int], spread: float = 0.3, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Unit embeddings scattered around one random direction per SKU, `counts[sku]` of each."""
+    rng = np.random.default_rng(seed)
+    rows, labels = [], []
+    for sku, n in counts.items():
+        centre = rng.normal(size=16)
+        rows.append(centre / np.linalg.norm(centre) + spread * rng.normal(size=(n, 16)) / 4)
+        labels += [sku] * n
+    emb = np.concatenate(rows).astype(np.float32)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True), labels
+
+
+def test_sku_weights_weigh_every_sku_alike_whatever_its_reference_count():
+    emb, labels = _clusters({"cola": 12, "cherry-cola": 4, "water": 8})
+    weights = fit_sku_weights(emb, labels)
+    assert weights.shape == (3, 16) and np.allclose(np.linalg.norm(weights, axis=1), 1, atol=1e-5)
+    means = np.stack([emb[[lbl == s for lbl in labels]].mean(0) for s in sorted(set(labels))])
+    assert ((weights @ means.T).argmax(1) == np.arange(3)).all()  # each SKU's weight points at its own
+    # Ten copies of every cola reference are the same evidence, not ten times the say.
+    extra = np.concatenate([emb] + [emb[:12]] * 9)
+    assert np.allclose(fit_sku_weights(extra, labels + ["cola"] * 108), weights, atol=1e-4)
+
+
+def test_blend_scores_an_sku_half_by_its_nearest_reference_half_by_its_weight(tmp_path):
+    emb, labels = _clusters({"cola": 30, "cherry-cola": 5, "water": 10}, spread=0.6)
+    gallery = Gallery(emb, labels, labels, "sha256:m", "g3", 0.05, 0.5, scoring="blend")
+    queries = _clusters({"cherry-cola": 6}, spread=0.6, seed=1)[0]
+    ranked, nearest = gallery.sku_scores(queries, 3)
+    row = {s: i for i, s in enumerate(gallery.skus)}
+    for q, scores in zip(queries, ranked, strict=True):
+        for sku, score in scores:
+            own = emb[[lbl == sku for lbl in labels]]
+            expected = 0.5 * ((own @ q).max() + gallery.sku_weights[row[sku]] @ q)
+            assert score == pytest.approx(expected, abs=1e-5)
+    assert np.allclose(nearest, (queries @ emb.T).max(1), atol=1e-5)  # novelty stays the nearest reference's
+    manifest = gallery.save(tmp_path / "g")
+    assert manifest["scoring"] == "blend" and (tmp_path / "g" / "sku_weights.npy").is_file()
+    again = Gallery.from_directory(tmp_path / "g", manifest)
+    assert again.scoring == "blend" and np.array_equal(again.sku_weights, gallery.sku_weights)
+    for before, after in zip(ranked, again.sku_scores(queries, 3)[0], strict=True):  # embeddings kept in fp16
+        assert [s for s, _ in after] == [s for s, _ in before]
+        assert [v for _, v in after] == pytest.approx([v for _, v in before], abs=2e-3)
+
+
+def test_a_gallery_scoring_that_cannot_be_used_is_refused(tmp_path):
+    emb, labels = _clusters({"cola": 4, "water": 4})
+    with pytest.raises(BundleError, match="unknown gallery scoring 'vote'"):
+        Gallery(emb, labels, labels, "sha256:m", scoring="vote")
+    with pytest.raises(BundleError, match="SKU weights of shape"):
+        Gallery(emb, labels, labels, "sha256:m", scoring="blend", sku_weights=np.ones((3, 16), np.float32))
+    manifest = Gallery(emb, labels, labels, "sha256:m", scoring="blend").save(tmp_path / "g")
+    (tmp_path / "g" / "sku_weights.npy").unlink()
+    with pytest.raises(BundleError, match="unreadable"):
+        Gallery.from_directory(tmp_path / "g", manifest)
+    old = Gallery(emb, labels, labels, "sha256:m").save(tmp_path / "old")
+    del old["scoring"]  # a gallery made before the scoring rule was named
+    assert Gallery.from_directory(tmp_path / "old", old).scoring == "nearest"
 
 
 # --- bundles --------------------------------------------------------------------------------------------
