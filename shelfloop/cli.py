@@ -596,7 +596,7 @@ def eval_recognition(
         "eval",
         cal.get("temperature", 0.05),
         cal.get("unknown_threshold", 1.0),
-        scoring=_scoring(scoring),
+        scoring=scoring,
     )
     r = evaluate_recognition(mb.embedder, g, image_folder(queries))
     typer.echo(
@@ -713,7 +713,7 @@ def eval_compliance(
         json_out.write_text(json.dumps(out, indent=2, default=str) + "\n")
 
 
-def _world_detections(mb: ModelBundle, world: Path, split: str, scoring: str = "nearest") -> dict:
+def _world_detections(mb: ModelBundle, world: Path, split: str, scoring: str) -> dict:
     """The models' observation of each shelf photo of a world, against a gallery of that world's catalogue."""
     import cv2
 
