@@ -135,7 +135,7 @@ class Gallery:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         np.save(directory / "embeddings.npy", self.embeddings.astype(np.float16))
-        if self.sku_weights is not None:
+        if self.scoring == "blend":  # the rule, not a stray array, decides what the signed gallery holds
             np.save(directory / "sku_weights.npy", self.sku_weights)
         (directory / "references.json").write_text(
             json.dumps(
